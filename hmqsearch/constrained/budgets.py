@@ -1,0 +1,66 @@
+"""Budget configuration -> constraints on a prepared model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hmqsearch.constrained.constraints import Constraint
+from hmqsearch.cost import latency as lat
+from hmqsearch.cost import size
+from hmqsearch.errors import UserError
+from hmqsearch.quant.prepare import QuantModel
+
+
+@dataclass
+class BudgetSpec:
+    """``weight_kb`` (absolute, KiB = 1024 bytes) wins over ``weight_compression`` (x float32)."""
+
+    weight_compression: float | None = 8.0
+    weight_kb: float | None = None
+    latency_ms: float | None = None
+    basis: str = "packed"
+
+    def validate(self) -> None:
+        for key in ("weight_compression", "weight_kb", "latency_ms"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise UserError(f"budget.{key}={value!r}; allowed: a positive number, or null for no budget")
+        if self.basis not in size.BASES:
+            raise UserError(f"budget.basis={self.basis!r}; allowed: {', '.join(size.BASES)}")
+
+    def weight_budget_bytes(self, qmodel: QuantModel) -> float | None:
+        if self.weight_kb is not None:
+            return self.weight_kb * 1024.0
+        if self.weight_compression is not None:
+            return size.float_weight_bytes(qmodel) / self.weight_compression
+        return None
+
+
+def build_constraints(qmodel: QuantModel, spec: BudgetSpec, table: lat.LatencyTable | None) -> list[Constraint]:
+    """One constraint per budget that is set; each checked for feasibility here."""
+    spec.validate()
+    constraints = []
+    weight_budget = spec.weight_budget_bytes(qmodel)
+    if weight_budget is not None:
+        constraints.append(Constraint(
+            name="weight_bytes",
+            unit=f"bytes ({spec.basis})",
+            budget=weight_budget,
+            expected=lambda: size.expected_weight_bytes(qmodel, spec.basis),
+            exact=lambda: float(sum(size.exact_weight_bytes(qmodel, spec.basis).values())),
+            minimum=float(size.min_weight_bytes(qmodel, spec.basis)),
+        ))
+    if spec.latency_ms is not None:
+        if table is None:
+            raise UserError("budget.latency_ms is set but no latency model is configured (cost.latency)")
+        constraints.append(Constraint(
+            name="latency_ms",
+            unit=f"ms ({table.source})",
+            budget=float(spec.latency_ms),
+            expected=lambda: lat.expected_latency(qmodel, table),
+            exact=lambda: float(sum(lat.exact_latency(qmodel, table).values())),
+            minimum=lat.min_latency(qmodel, table),
+        ))
+    for c in constraints:
+        c.check_feasible()
+    return constraints

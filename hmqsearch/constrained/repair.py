@@ -1,0 +1,79 @@
+"""Feasibility repair: lower precision where it costs least until every budget holds exactly."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from hmqsearch.constrained.constraints import Constraint
+from hmqsearch.quant.hmq import HMQQuantizer
+from hmqsearch.quant.prepare import QuantModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RepairStep:
+    quantizer: str
+    from_bits: int
+    to_bits: int
+    margin: float  # logit margin given up: how strongly the search preferred the old choice
+
+
+def _lowered(q: HMQQuantizer) -> tuple[int, int] | None:
+    """(bit index, threshold index) of the best candidate one bit-width below the argmax."""
+    b, _ = q.chosen_index()
+    if b == 0:
+        return None
+    return b - 1, int(torch.argmax(q.logits[b - 1]))
+
+
+def _make_argmax(q: HMQQuantizer, b: int, j: int) -> None:
+    with torch.no_grad():
+        q.logits[b, j] = q.logits.max() + 1.0
+
+
+def repair(qmodel: QuantModel, constraints: list[Constraint]) -> list[RepairStep]:
+    """Greedy repair of the argmax assignment.
+
+    Each step lowers the one quantizer with the smallest logit margin per unit of normalised
+    cost saved on the violated budgets (the search's own sensitivity read-out), then re-checks
+    every budget with the exact discrete costs.  Returns the steps taken (empty if feasible).
+    """
+    steps: list[RepairStep] = []
+    quantizers = [(n, q) for n, q in qmodel.quantizers() if not q.float_pinned]
+    while True:
+        violated = [c for c in constraints if not c.satisfied()]
+        if not violated:
+            return steps
+        best: tuple[float, str, HMQQuantizer, int, int, float] | None = None
+        before = {c.name: c.exact() for c in violated}
+        for name, q in quantizers:
+            low = _lowered(q)
+            if low is None:
+                continue
+            saved_logits = q.logits.detach().clone()
+            margin = float(q.logits.max() - q.logits[low])
+            _make_argmax(q, *low)
+            gain = sum((before[c.name] - c.exact()) / c.budget for c in violated)
+            with torch.no_grad():
+                q.logits.copy_(saved_logits)
+            if gain <= 0:
+                continue
+            score = margin / gain
+            if best is None or score < best[0]:
+                best = (score, name, q, *low, margin)
+        if best is None:
+            raise RuntimeError(
+                "repair cannot lower any quantizer further although "
+                + ", ".join(f"{c.name}={c.exact():.6g} > {c.budget:.6g}" for c in violated)
+                + " (the pre-training feasibility check should have caught this)"
+            )
+        _, name, q, b, j, margin = best
+        old_bits = q.scheme().bits
+        _make_argmax(q, b, j)
+        step = RepairStep(name, old_bits, q.scheme().bits, margin)
+        log.info("repair: %s %d -> %d bits (logit margin %.3f)", name, step.from_bits, step.to_bits, margin)
+        steps.append(step)

@@ -1,0 +1,254 @@
+"""The run: pretrain -> calibrate -> search -> repair -> finetune -> artifacts.
+
+Everything a user can get wrong in the configuration is checked before the first training
+step, including whether the budgets can be met at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
+from hmqsearch.constrained.constraints import Constraint
+from hmqsearch.constrained.repair import repair
+from hmqsearch.cost import latency as lat
+from hmqsearch.cost import size
+from hmqsearch.errors import UserError
+from hmqsearch.export.precision import write_precision
+from hmqsearch.io import atomic_write, write_json
+from hmqsearch.lit.classifier import ClassifierModule
+from hmqsearch.lit.search import SearchModule
+from hmqsearch.lit.trainer import RunLoggers, make_trainer
+from hmqsearch.models.pretrained import load_pretrained
+from hmqsearch.quant.calibrate import calibrate_activations
+from hmqsearch.quant.prepare import Pin, QuantModel, QuantSpec, prepare
+from hmqsearch.report.table import print_final_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    cfg: DictConfig
+    run_dir: Path
+    loggers: RunLoggers
+    datamodule: pl.LightningDataModule
+    num_classes: int
+
+
+def quant_spec(cfg: DictConfig) -> QuantSpec:
+    s = cfg.search
+    pins = [Pin(**p) for p in OmegaConf.to_container(s.get("pins") or [], resolve=True)]
+    spec = QuantSpec(
+        weight_bits=list(s.weight_bits), act_bits=list(s.act_bits), n_thresholds=s.n_thresholds,
+        weight_per_channel=s.weight_per_channel, mode=s.mode, first_layer_act_bits=s.first_layer_act_bits,
+        pins=pins, fold_bn=s.fold_bn,
+    )
+    spec.validate()
+    return spec
+
+
+def budget_spec(cfg: DictConfig) -> BudgetSpec:
+    spec = BudgetSpec(**OmegaConf.to_container(cfg.budget, resolve=True))
+    spec.validate()
+    return spec
+
+
+def _check_epochs(cfg: DictConfig) -> None:
+    for stage in ("pretrain", "search", "finetune"):
+        epochs = cfg[stage].epochs
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+            raise UserError(f"{stage}.epochs={epochs!r}; allowed: an integer >= 0")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, num_classes: int) -> float:
+    """Top-1 accuracy in percent."""
+    model.eval()
+    acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+    for x, y in loader:
+        acc.update(model(x), y)
+    return 100.0 * float(acc.compute())
+
+
+def _check_data_fits_model(net: nn.Module, example: Tensor, num_classes: int, cfg: DictConfig) -> None:
+    try:
+        with torch.no_grad():
+            out = net.eval()(example)
+    except RuntimeError as exc:
+        raise UserError(
+            f"data {cfg.data._target_} (input shape {tuple(example.shape[1:])}) does not fit model "
+            f"{cfg.model.net._target_}: {str(exc).splitlines()[0]}"
+        ) from exc
+    if out.dim() != 2 or out.shape[1] != num_classes:
+        raise UserError(
+            f"model {cfg.model.net._target_} outputs shape {tuple(out.shape[1:])} but the data has "
+            f"{num_classes} classes; set model.net.num_classes={num_classes}"
+        )
+
+
+def _optimizer(cfg: DictConfig, stage: str) -> Any:
+    return instantiate(cfg[stage].optimizer)
+
+
+def _fit(ctx: Context, module: pl.LightningModule, stage: str, monitor: str | None) -> None:
+    cfg = ctx.cfg
+    trainer = make_trainer(
+        cfg.trainer, stage, ctx.run_dir, ctx.loggers.for_stage(stage), cfg[stage].epochs,
+        monitor, cfg.callbacks.progress_bar,
+    )
+    trainer.fit(module, datamodule=ctx.datamodule)
+    best = trainer.checkpoint_callback.best_model_path if monitor else ""
+    if best:
+        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+        log.info("%s: restored best checkpoint %s", stage, best)
+
+
+def pretrain(ctx: Context, net: nn.Module) -> None:
+    cfg = ctx.cfg.pretrain
+    module = ClassifierModule(net, ctx.num_classes, _optimizer(ctx.cfg, "pretrain"), cfg.lr)
+    _fit(ctx, module, "pretrain", "val/acc")
+
+
+def search(ctx: Context, qmodel: QuantModel, constraints: list[Constraint]) -> SearchModule:
+    cfg = ctx.cfg.search
+    qmodel.set_state("search")
+    module = SearchModule(
+        qmodel, ctx.num_classes, _optimizer(ctx.cfg, "search"), cfg.lr, cfg.logit_lr, constraints,
+        cfg.dual_lr, cfg.tau_start, cfg.tau_end,
+    )
+    _fit(ctx, module, "search", None)
+    qmodel.set_state("fixed")
+    return module
+
+
+def finetune(ctx: Context, qmodel: QuantModel) -> None:
+    cfg = ctx.cfg.finetune
+    qmodel.set_state("fixed")
+    for p in qmodel.logit_parameters():
+        p.requires_grad_(False)
+    module = ClassifierModule(qmodel, ctx.num_classes, _optimizer(ctx.cfg, "finetune"), cfg.lr)
+    _fit(ctx, module, "finetune", "val/acc")
+
+
+def _costs(qmodel: QuantModel, budgets: BudgetSpec, table: lat.LatencyTable | None) -> dict[str, Any]:
+    packed = size.exact_weight_bytes(qmodel, "packed")
+    container = size.exact_weight_bytes(qmodel, "container")
+    float_bytes = size.float_weight_bytes(qmodel)
+    costs: dict[str, Any] = {
+        "weight_bytes_packed": sum(packed.values()),
+        "weight_bytes_container": sum(container.values()),
+        "float_weight_bytes": float_bytes,
+        "compression_packed": float_bytes / sum(packed.values()),
+        "latency_model": table.source if table else None,
+        "expected_latency": float(lat.expected_latency(qmodel, table)) if table else None,
+        "exact_latency": float(sum(lat.exact_latency(qmodel, table).values())) if table else None,
+        "per_layer_weight_bytes_packed": packed,
+    }
+    return costs
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run every stage and write ``precision.yaml`` and ``summary.json`` into ``run_dir``."""
+    started = time.time()
+    spec, budgets = quant_spec(cfg), budget_spec(cfg)
+    _check_epochs(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    num_classes = datamodule.num_classes
+    net: nn.Module = instantiate(cfg.model.net)
+    calib = datamodule.calibration_batches(cfg.search.calibration.batches)
+    example = calib[0][:8]
+    _check_data_fits_model(net, example, num_classes, cfg)
+
+    # Budgets are checked on the structure alone, before any training.
+    probe = prepare(net, spec, example)
+    probe_table = lat.build_latency_table(probe, cfg.cost.latency, cfg.cost.get("target"), cfg.cost.get("latency_table"))
+    build_constraints(probe, budgets, probe_table)
+    del probe
+
+    pretrained_meta = load_pretrained(net, cfg.model.pretrained) if cfg.model.pretrained else None
+    loggers = RunLoggers(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
+    ctx = Context(cfg, run_dir, loggers, datamodule, num_classes)
+    timings: dict[str, float] = {}
+    exit_code = 1
+    try:
+        if pretrained_meta is None:
+            t0 = time.time()
+            pretrain(ctx, net)
+            timings["pretrain_s"] = time.time() - t0
+        test_loader = datamodule.test_dataloader()
+        float_top1 = evaluate(net, test_loader, num_classes)
+        log.info("float test top-1: %.2f %%", float_top1)
+
+        t0 = time.time()
+        qmodel = prepare(net, spec, example)
+        ranges = calibrate_activations(
+            qmodel, calib, cfg.search.calibration.method, cfg.search.calibration.percentile
+        )
+        table = lat.build_latency_table(qmodel, cfg.cost.latency, cfg.cost.get("target"), cfg.cost.get("latency_table"))
+        constraints = build_constraints(qmodel, budgets, table)
+        timings["calibrate_s"] = time.time() - t0
+
+        t0 = time.time()
+        search_module = search(ctx, qmodel, constraints)
+        steps = repair(qmodel, constraints)
+        timings["search_s"] = time.time() - t0
+        search_top1 = evaluate(qmodel, test_loader, num_classes)
+
+        t0 = time.time()
+        finetune(ctx, qmodel)
+        timings["finetune_s"] = time.time() - t0
+        quant_top1 = evaluate(qmodel, test_loader, num_classes)
+
+        costs = _costs(qmodel, budgets, table)
+        budget_entries = {c.name: {"budget": c.budget, "exact": c.exact(), "unit": c.unit} for c in constraints}
+        feasible = all(c.satisfied() for c in constraints)
+        summary = {
+            "float_top1": float_top1,
+            "search_top1": search_top1,
+            "quant_top1": quant_top1,
+            "weight_bytes_packed": costs["weight_bytes_packed"],
+            "budget_weight_bytes": budget_entries.get("weight_bytes", {}).get("budget"),
+            "weight_bytes_container": costs["weight_bytes_container"],
+            "float_weight_bytes": costs["float_weight_bytes"],
+            "compression_packed": costs["compression_packed"],
+            "feasible": feasible,
+            "latency_model": costs["latency_model"],
+            "expected_latency": costs["expected_latency"],
+            "exact_latency": costs["exact_latency"],
+            "budget_latency_ms": budget_entries.get("latency_ms", {}).get("budget"),
+            "duals": search_module.duals.as_dict(),
+            "repair": [s.__dict__ for s in steps],
+            "activation_ranges": ranges,
+            "timings": {**timings, "total_s": time.time() - started},
+            "pretrained": cfg.model.pretrained,
+        }
+        write_precision(
+            run_dir / "precision.yaml", qmodel,
+            budgets=budget_entries,
+            costs={k: v for k, v in costs.items() if k != "per_layer_weight_bytes_packed"},
+            accuracy={"float_top1": float_top1, "quant_top1": quant_top1},
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+        atomic_write(run_dir / "quantized_state.pt", lambda p: torch.save(qmodel.state_dict(), p))
+        write_json(run_dir / "summary.json", summary)
+        loggers.log_summary(summary)
+        print_final_table(qmodel, summary, costs["per_layer_weight_bytes_packed"])
+        exit_code = 0
+        return summary
+    finally:
+        loggers.finish(exit_code)

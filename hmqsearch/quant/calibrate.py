@@ -1,0 +1,51 @@
+"""Activation range calibration: signedness and threshold grids of the input quantizers."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from hmqsearch.quant.calibration import RangeObserver
+from hmqsearch.quant.prepare import QuantModel
+
+
+def _observe_input(obs: RangeObserver):  # noqa: ANN202 - a forward pre-hook
+    def hook(_module: torch.nn.Module, args: tuple[Tensor, ...]) -> None:
+        obs(args[0])
+
+    return hook
+
+
+@torch.no_grad()
+def calibrate_activations(
+    qmodel: QuantModel, batches: Sequence[Tensor], method: str = "max", percentile: float = 99.99
+) -> dict[str, float]:
+    """Observe each layer's input on float forwards and centre its threshold grid on the range.
+
+    An input that is never negative on the calibration data gets an unsigned grid (one more
+    bit of resolution, as after a ReLU).  Returns the calibrated range per layer.
+    """
+    observers = {name: RangeObserver() for name, _ in qmodel.layers()}
+    handles = [layer.register_forward_pre_hook(_observe_input(observers[name])) for name, layer in qmodel.layers()]
+    states = {id(q): q.state for _, q in qmodel.quantizers()}
+    was_training = qmodel.training
+    qmodel.eval().set_state("float")
+    try:
+        for x in batches:
+            qmodel(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for _, q in qmodel.quantizers():
+            q.state = states[id(q)]
+        qmodel.train(was_training)
+    ranges = {}
+    for name, layer in qmodel.layers():
+        obs = observers[name]
+        bits = int(layer.aq.bits.max())
+        layer.aq.signed = obs.signed
+        ranges[name] = obs.compute_range(method, bits=bits, percentile=percentile)
+        layer.aq.set_range(ranges[name])
+    return ranges

@@ -1,0 +1,202 @@
+"""The HMQ block: a quantizer whose scheme is a learned categorical over (bit-width, threshold).
+
+Habi, Jennings, Netzer, "HMQ: Hardware Friendly Mixed Precision Quantization Block for CNNs"
+(ECCV 2020).  Each quantizer holds logits ``alpha`` over the grid bits x thresholds.  During the
+search a Gumbel-Softmax sample ``pi = softmax((alpha + g) / tau)`` mixes the candidates; the
+default forward quantizes once with the *expected* step and clipping bounds under ``pi``.  In
+evaluation (or once the assignment is frozen) the argmax scheme is used, without noise.
+
+Threshold candidates are powers of two around a range estimate r (per tensor, or per output
+channel for weights): with M = ceil(log2 r), t_j = 2^(M + 1 - j) for j = 0 .. n_t - 1.  With
+per-channel weights the logits are shared by all channels and select the offset j, so every
+channel keeps its own power-of-two threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hmqsearch.kernels import fake_quant
+
+Mode = Literal["expected", "mixture", "hard"]
+State = Literal["float", "search", "fixed"]
+MODES: tuple[str, ...] = ("expected", "mixture", "hard")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A discrete quantization scheme of one quantizer: bit-width and threshold exponents."""
+
+    bits: int
+    threshold_exp: tuple[int, ...]  # one exponent per channel (one entry when per tensor)
+    signed: bool
+
+    def steps(self) -> Tensor:
+        shift = self.bits - 1 if self.signed else self.bits
+        return torch.tensor([2.0 ** (e - shift) for e in self.threshold_exp])
+
+
+class HMQQuantizer(nn.Module):
+    """Learned (bit-width, power-of-two threshold) quantizer.
+
+    ``state`` selects the behaviour: ``"float"`` passes the input through, ``"search"`` samples
+    with Gumbel-Softmax in training mode (argmax in eval mode), ``"fixed"`` always uses the
+    argmax scheme (fine-tuning, export).
+    """
+
+    def __init__(
+        self,
+        bits: Sequence[int],
+        n_thresholds: int = 8,
+        *,
+        signed: bool = True,
+        per_channel_axis: int | None = None,
+        num_channels: int = 1,
+        mode: Mode = "expected",
+        init_mass: float = 0.95,
+    ) -> None:
+        super().__init__()
+        if not bits:
+            raise ValueError("bits must list at least one bit-width")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
+        self.mode: Mode = mode
+        self.state: State = "float"
+        self.register_buffer("signed_flag", torch.tensor(signed))
+        self.per_channel_axis = per_channel_axis
+        self.register_buffer("bits", torch.tensor(sorted(set(bits)), dtype=torch.float32))
+        self.register_buffer("base_exp", torch.zeros(num_channels))
+        self.register_buffer("tau", torch.tensor(1.0))
+        self.n_thresholds = n_thresholds
+        self.logits = nn.Parameter(self._initial_logits(init_mass))
+
+    # ----------------------------------------------------------------- grid
+    @property
+    def signed(self) -> bool:
+        """Signed grid (weights, activations that can be negative) or unsigned (after ReLU)."""
+        return bool(self.signed_flag)
+
+    @signed.setter
+    def signed(self, value: bool) -> None:
+        self.signed_flag.fill_(bool(value))
+
+    @property
+    def num_candidates(self) -> int:
+        return self.logits.numel()
+
+    def _initial_logits(self, init_mass: float) -> Tensor:
+        """Put ``init_mass`` of the probability on (highest bits, widest threshold)."""
+        logits = torch.zeros(len(self.bits), self.n_thresholds)
+        k = logits.numel()
+        if k > 1:
+            logits[-1, 0] = math.log(init_mass * (k - 1) / (1.0 - init_mass))
+        return logits
+
+    def reset_logits(self, init_mass: float = 0.95) -> None:
+        with torch.no_grad():
+            self.logits.copy_(self._initial_logits(init_mass))
+
+    def set_range(self, r: Tensor | float) -> None:
+        """Centre the threshold grid on range estimate(s) ``r``: M = ceil(log2 r)."""
+        r = torch.as_tensor(r, dtype=torch.float32, device=self.base_exp.device).reshape(-1)
+        r = torch.clamp(r, min=torch.finfo(torch.float32).tiny)
+        self.base_exp.copy_(torch.ceil(torch.log2(r)).expand_as(self.base_exp))
+
+    def threshold_table(self) -> Tensor:
+        """Thresholds t[c, j] = 2^(M_c + 1 - j), shape (channels, n_t)."""
+        offsets = torch.arange(self.n_thresholds, device=self.base_exp.device, dtype=torch.float32)
+        return torch.exp2(self.base_exp[:, None] + 1.0 - offsets[None, :])
+
+    def _shift(self) -> Tensor:
+        return self.bits - 1.0 if self.signed else self.bits
+
+    def candidate_tables(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-candidate (step, lo, hi), each shaped (K, channels), K = bits x thresholds."""
+        t = self.threshold_table()  # (C, T)
+        step = t[None, :, :] / torch.exp2(self._shift())[:, None, None]  # (B, C, T)
+        hi = t[None] - step
+        lo = -t[None].expand_as(step) if self.signed else torch.zeros_like(step)
+        flat = lambda v: v.permute(0, 2, 1).reshape(-1, v.shape[1])  # noqa: E731 (B,T) major
+        return flat(step), flat(lo), flat(hi)
+
+    # -------------------------------------------------------- distributions
+    def probs(self) -> Tensor:
+        """Deterministic candidate probabilities softmax(alpha), flattened (bits-major)."""
+        return torch.softmax(self.logits.reshape(-1), dim=0)
+
+    def bit_probs(self) -> Tensor:
+        """Marginal probability of each bit-width."""
+        return torch.softmax(self.logits.reshape(-1), dim=0).reshape(self.logits.shape).sum(1)
+
+    def expected_bits(self) -> Tensor:
+        return (self.bit_probs() * self.bits).sum()
+
+    def sample(self) -> Tensor:
+        """Gumbel-Softmax weights over the candidates (hard one-hot forward in ``hard`` mode)."""
+        return F.gumbel_softmax(self.logits.reshape(-1), tau=float(self.tau), hard=self.mode == "hard")
+
+    def chosen_index(self) -> tuple[int, int]:
+        """(bit index, threshold index) of the argmax candidate."""
+        k = int(torch.argmax(self.logits.reshape(-1)))
+        return divmod(k, self.n_thresholds)
+
+    def scheme(self) -> Scheme:
+        b, j = self.chosen_index()
+        exps = (self.base_exp + 1 - j).round().to(torch.int64).tolist()
+        return Scheme(int(self.bits[b]), tuple(int(e) for e in exps), self.signed)
+
+    def fix_to(self, bits: int, threshold_index: int | None = None) -> None:
+        """Make (bits, threshold) the argmax by a wide margin (used by repair and baselines)."""
+        if bits not in self.bits.tolist():
+            raise ValueError(f"bits={bits} is not a candidate of this quantizer ({self.bits.tolist()})")
+        b = self.bits.tolist().index(bits)
+        j = self.chosen_index()[1] if threshold_index is None else threshold_index
+        with torch.no_grad():
+            self.logits.fill_(0.0)
+            self.logits[b, j] = 20.0
+
+    # -------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        if self.state == "float":
+            return x
+        if self.state == "search" and self.training:
+            return self._relaxed(x, self.sample())
+        return self._discrete(x)
+
+    def _axis(self, x: Tensor) -> int | None:
+        if self.per_channel_axis is None:
+            return None
+        return self.per_channel_axis % x.dim()
+
+    def _quant(self, x: Tensor, step: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        axis = self._axis(x)
+        if axis is None:
+            return fake_quant(x, step.reshape(()), lo.reshape(()), hi.reshape(()), None)
+        return fake_quant(x, step, lo, hi, axis)
+
+    def _relaxed(self, x: Tensor, pi: Tensor) -> Tensor:
+        step, lo, hi = self.candidate_tables()
+        if self.mode == "mixture":
+            out = torch.zeros_like(x)
+            for k in range(pi.numel()):
+                out = out + pi[k] * self._quant(x, step[k], lo[k], hi[k])
+            return out
+        return self._quant(x, pi @ step, pi @ lo, pi @ hi)
+
+    def _discrete(self, x: Tensor) -> Tensor:
+        b, j = self.chosen_index()
+        k = b * self.n_thresholds + j
+        step, lo, hi = (v[k] for v in self.candidate_tables())
+        return self._quant(x, step, lo, hi)
+
+    def extra_repr(self) -> str:
+        return (
+            f"bits={[int(b) for b in self.bits.tolist()]}, n_thresholds={self.n_thresholds}, "
+            f"signed={self.signed}, per_channel_axis={self.per_channel_axis}, mode={self.mode}"
+        )

@@ -1,0 +1,108 @@
+"""Conv2d and Linear layers that carry an HMQ weight quantizer and an HMQ input quantizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hmqsearch.quant.hmq import HMQQuantizer
+
+
+@dataclass
+class LayerShape:
+    """Per-sample work of one layer in one model forward (summed over calls when reused)."""
+
+    macs: int = 0
+    in_elements: int = 0
+    out_elements: int = 0
+    calls: int = 0
+    input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+
+
+class QuantLayerMixin:
+    """Shared behaviour of quantized layers: the two quantizers and the shape record."""
+
+    wq: HMQQuantizer
+    aq: HMQQuantizer
+    weight: nn.Parameter
+    shape: LayerShape
+
+    def _init_quantizers(self, weight_q: HMQQuantizer, act_q: HMQQuantizer) -> None:
+        self.wq = weight_q
+        self.aq = act_q
+        self.shape = LayerShape()
+        self.recording = False
+
+    @property
+    def weight_numel(self) -> int:
+        return self.weight.numel()
+
+    @property
+    def out_channels_count(self) -> int:
+        return self.weight.shape[0]
+
+    def quantized_weight(self) -> Tensor:
+        return self.wq(self.weight)
+
+    def _record(self, x: Tensor, out: Tensor) -> None:
+        n = x.shape[0]
+        self.shape.calls += 1
+        self.shape.in_elements += x[0].numel()
+        self.shape.out_elements += out[0].numel()
+        self.shape.macs += self._macs_per_output() * (out.numel() // max(n, 1))
+        self.shape.input_shapes.append(tuple(x.shape[1:]))
+
+
+class QuantConv2d(QuantLayerMixin, nn.Conv2d):
+    """``nn.Conv2d`` whose weight and input go through HMQ quantizers (grouped/depthwise too)."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight_q: HMQQuantizer, act_q: HMQQuantizer) -> "QuantConv2d":
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+            device=conv.weight.device, dtype=conv.weight.dtype,
+        )
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        layer._init_quantizers(weight_q, act_q)
+        return layer
+
+    def _macs_per_output(self) -> int:
+        kh, kw = self.kernel_size
+        return (self.in_channels // self.groups) * kh * kw
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self._conv_forward(self.aq(x), self.quantized_weight(), self.bias)
+        if self.recording:
+            self._record(x, out)
+        return out
+
+
+class QuantLinear(QuantLayerMixin, nn.Linear):
+    """``nn.Linear`` whose weight and input go through HMQ quantizers."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_q: HMQQuantizer, act_q: HMQQuantizer) -> "QuantLinear":
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None,
+            device=linear.weight.device, dtype=linear.weight.dtype,
+        )
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer._init_quantizers(weight_q, act_q)
+        return layer
+
+    def _macs_per_output(self) -> int:
+        return self.in_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.linear(self.aq(x), self.quantized_weight(), self.bias)
+        if self.recording:
+            self._record(x, out)
+        return out
+
+
+QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear)

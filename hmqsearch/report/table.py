@@ -1,0 +1,45 @@
+"""The short table printed at the end of a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from hmqsearch.export.precision import assignment
+from hmqsearch.quant.prepare import QuantModel
+
+
+def _bits(entry: dict[str, Any]) -> str:
+    if entry["bits"] == "float":
+        return "fp32"
+    return f"{entry['bits']}{'' if entry['signed'] else 'u'}"
+
+
+def print_final_table(qmodel: QuantModel, summary: dict[str, Any], layer_bytes: dict[str, int]) -> None:
+    """Per-layer bits and bytes, then size against budget and accuracy against float."""
+    console = Console()
+    layers = Table(title="Precision assignment", title_justify="left")
+    for col in ("layer", "W bits", "A bits", "packed bytes"):
+        layers.add_column(col, justify="left" if col == "layer" else "right")
+    for name, entry in assignment(qmodel).items():
+        layers.add_row(name, _bits(entry["weight"]), _bits(entry["input"]), f"{layer_bytes[name]:,}")
+    console.print(layers)
+
+    result = Table(title="Result", title_justify="left")
+    result.add_column("quantity")
+    result.add_column("value", justify="right")
+    budget = summary.get("budget_weight_bytes")
+    result.add_row("weight bytes (packed)", f"{summary['weight_bytes_packed']:,}"
+                   + (f" / budget {budget:,.0f}" if budget is not None else ""))
+    result.add_row("compression vs float32", f"{summary['compression_packed']:.2f}x")
+    if summary.get("expected_latency") is not None:
+        budget_ms = summary.get("budget_latency_ms")
+        result.add_row(f"latency ({summary['latency_model']})", f"{summary['exact_latency']:.4g} ms"
+                       + (f" / budget {budget_ms:.4g} ms" if budget_ms is not None else ""))
+    result.add_row("feasible", "yes" if summary["feasible"] else "NO")
+    result.add_row("test top-1 float", f"{summary['float_top1']:.2f} %")
+    result.add_row("test top-1 quantized", f"{summary['quant_top1']:.2f} %"
+                   f" ({summary['quant_top1'] - summary['float_top1']:+.2f})")
+    console.print(result)
