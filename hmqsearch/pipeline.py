@@ -108,6 +108,7 @@ def _fit(ctx: Context, module: pl.LightningModule, stage: str, monitor: str | No
         cfg.trainer, stage, ctx.run_dir, ctx.loggers.for_stage(stage), cfg[stage].epochs,
         monitor, cfg.callbacks.progress_bar,
     )
+    module.train()  # prepared models come back in eval mode; Lightning keeps the mode it finds
     trainer.fit(module, datamodule=ctx.datamodule)
     best = trainer.checkpoint_callback.best_model_path if monitor else ""
     if best:

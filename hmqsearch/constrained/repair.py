@@ -55,7 +55,7 @@ def repair(qmodel: QuantModel, constraints: list[Constraint]) -> list[RepairStep
             if low is None:
                 continue
             saved_logits = q.logits.detach().clone()
-            margin = float(q.logits.max() - q.logits[low])
+            margin = float(q.logits.detach().max() - q.logits.detach()[low])
             _make_argmax(q, *low)
             gain = sum((before[c.name] - c.exact()) / c.budget for c in violated)
             with torch.no_grad():

@@ -181,7 +181,7 @@ def prepare(model: nn.Module, spec: QuantSpec, example_input: Tensor) -> QuantMo
         qlayer.wq.set_range(_weight_range(qlayer.weight, spec.weight_per_channel))
         _replace_module(net, layer, qlayer)
         names.append(name)
-    qmodel = QuantModel(net, names, folded)
+    qmodel = QuantModel(net, names, folded).eval()
     record_shapes(qmodel, example_input)
     return qmodel
 

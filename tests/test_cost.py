@@ -1,0 +1,79 @@
+"""Cost models against hand counts, and their expectations' gradients."""
+
+import pytest
+import torch
+from torch import nn
+
+from hmqsearch.cost import latency as lat
+from hmqsearch.cost import size
+from hmqsearch.quant.prepare import QuantSpec, prepare
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)  # 216 weights, 8 channels
+        self.fc = nn.Linear(8, 4)  # 32 weights + 4 biases
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+@pytest.fixture
+def qmodel():
+    spec = QuantSpec(weight_bits=[2, 3, 4, 8], act_bits=[4, 8], first_layer_act_bits=None)
+    return prepare(Tiny(), spec, torch.randn(2, 3, 4, 4))
+
+
+def fix(qmodel, conv_w, fc_w, conv_a=8, fc_a=8):
+    layers = dict(qmodel.layers())
+    layers["conv"].wq.fix_to(conv_w)
+    layers["fc"].wq.fix_to(fc_w)
+    layers["conv"].aq.fix_to(conv_a)
+    layers["fc"].aq.fix_to(fc_a)
+
+
+def test_packed_and_container_bytes_by_hand(qmodel):
+    fix(qmodel, conv_w=3, fc_w=4)
+    packed = size.exact_weight_bytes(qmodel, "packed")
+    # conv: ceil(216 * 3 / 8) = 81 bytes + 8 scale exponents; fc: 32 * 4 / 8 = 16 + 4 exps + 4 * 4 bias
+    assert packed == {"conv": 81 + 8, "fc": 16 + 4 + 16}
+    container = size.exact_weight_bytes(qmodel, "container")
+    # 3 bits are stored as int4: 108 bytes + 8 float32 scales; fc int4 16 + 4 * 4 + 16
+    assert container == {"conv": 108 + 32, "fc": 16 + 16 + 16}
+    assert size.float_weight_bytes(qmodel) == 4 * 216 + 4 * 36
+    assert size.min_weight_bytes(qmodel) == (54 + 8) + (8 + 4 + 16)
+
+
+def test_expected_bytes_equal_exact_at_one_hot_and_have_gradient(qmodel):
+    fix(qmodel, conv_w=8, fc_w=2)
+    exp = size.expected_weight_bytes(qmodel)
+    assert exp.item() == pytest.approx(sum(size.exact_weight_bytes(qmodel).values()), rel=1e-6)
+    for _, q in qmodel.quantizers():
+        q.reset_logits()
+    exp = size.expected_weight_bytes(qmodel)
+    exp.backward()
+    grad = dict(qmodel.layers())["conv"].wq.logits.grad
+    assert grad[-1].sum() > 0 and grad[0].sum() < 0  # more mass on 8 bits costs bytes
+
+
+def test_analytic_latency_by_hand(qmodel):
+    target = lat.Target("toy", int8_macs_per_s=1e6, bytes_per_s=1e6)
+    table = lat.analytic_table(qmodel, target)
+    # fc at W4A8: 32 MACs; compute 32*4*8/(64e6) s = 2 us; memory (16 + 8 + 4) bytes / 1e6 = 28 us
+    assert table.lookup("fc", 4, 8) == pytest.approx(1e3 * 28e-6)
+    # conv at W8A8: 16 outputs * 8 channels * 27 MACs = 3456 MACs -> 3456 us; memory 216+48+128 = 392 us
+    assert table.lookup("conv", 8, 8) == pytest.approx(1e3 * 3456e-6)
+    fix(qmodel, conv_w=8, fc_w=4)
+    exact = lat.exact_latency(qmodel, table)
+    assert exact == {"conv": pytest.approx(3.456), "fc": pytest.approx(0.028)}
+    assert lat.expected_latency(qmodel, table).item() == pytest.approx(3.484, rel=1e-5)
+
+
+def test_expected_latency_gradient_and_table_round_trip(qmodel, tmp_path):
+    table = lat.analytic_table(qmodel, lat.Target("toy", 1e6, 1e6))
+    lat.expected_latency(qmodel, table).backward()
+    assert dict(qmodel.layers())["conv"].aq.logits.grad.abs().sum() > 0
+    table.save(tmp_path / "t.json")
+    again = lat.LatencyTable.load(tmp_path / "t.json")
+    assert again.ms == table.ms and again.source == "analytic:toy"
