@@ -1,0 +1,1 @@
+"""LightningDataModules: CIFAR-10, scikit-learn digits and users' own image folders."""

@@ -1,0 +1,148 @@
+"""What the data modules share: image transform, class-balanced subsets, loaders, calibration."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from hmqsearch.errors import UserError
+
+# The pretrained CIFAR ResNets were trained with the ImageNet statistics, not CIFAR's own.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def random_crop_flip(img: Tensor, padding: int) -> Tensor:
+    """Crop a ``C x H x W`` image at a random offset out of its zero-padded copy, then flip it
+    horizontally with probability 1/2.
+
+    Draws from torch's global generator, which Lightning seeds in the main process and in each
+    loader worker, so the augmentation is reproducible from the run's seed.
+    """
+    _, h, w = img.shape
+    padded = F.pad(img, (padding, padding, padding, padding))
+    top, left = torch.randint(0, 2 * padding + 1, (2,)).tolist()
+    out = padded[:, top : top + h, left : left + w]
+    return out.flip(-1) if torch.rand(()) < 0.5 else out
+
+
+class ImageTransform:
+    """uint8 ``C x H x W`` image -> float tensor scaled to [0, 1] and normalised per channel,
+    with optional crop/flip augmentation (done on the pixels, so padding is black)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], augment: bool, padding: int) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
+        self.augment = augment
+        self.padding = padding
+
+    def __call__(self, img: Tensor) -> Tensor:
+        if self.augment:
+            img = random_crop_flip(img, self.padding)
+        return (img.float() / 255.0 - self.mean) / self.std
+
+
+class ArrayImageDataset(Dataset):
+    """Images held in memory as one uint8 ``N x C x H x W`` tensor, transformed on access."""
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: ImageTransform) -> None:
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def balanced_indices(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` sorted indices drawn at random with per-class counts as equal as the classes allow."""
+    if not 0 <= n <= len(labels):
+        raise ValueError(f"cannot draw {n} of {len(labels)} samples")
+    rank = np.empty(len(labels), dtype=np.int64)  # position of each sample in its class's shuffle
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        rank[rng.permutation(members)] = np.arange(len(members))
+    order = np.lexsort((rng.random(len(labels)), rank))
+    return np.sort(order[:n])
+
+
+def check_count(name: str, value: int | None, low: int, high: int) -> None:
+    """Raise a ``UserError`` unless ``value`` is None or an integer in ``[low, high]``."""
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise UserError(f"{name}={value!r}; allowed: an integer from {low} to {high}")
+
+
+def check_normalisation(mean: Sequence[float], std: Sequence[float], channels: int) -> None:
+    if len(mean) != channels or len(std) != channels:
+        raise UserError(f"data.mean={list(mean)} / data.std={list(std)}: give {channels} values each")
+    if any(s <= 0 for s in std):
+        raise UserError(f"data.std={list(std)}; every value must be > 0")
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """Loaders and calibration batches over the ``train_set`` / ``val_set`` / ``test_set`` that a
+    subclass's ``setup`` fills in; ``calib_set`` is the training set without augmentation."""
+
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    class_names: list[str]
+
+    def __init__(self, batch_size: int, eval_batch_size: int, seed: int, num_workers: int) -> None:
+        super().__init__()
+        check_count("data.batch_size", batch_size, 1, 1 << 20)
+        check_count("data.eval_batch_size", eval_batch_size, 1, 1 << 20)
+        check_count("data.num_workers", num_workers, 0, 1024)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self.calib_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its loaders are asked for")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            # Seeds the shuffling and the workers' base seed, hence the augmentation in workers.
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+
+    def calibration_batches(self, n_batches: int) -> list[Tensor]:
+        """``n_batches`` batches (``batch_size`` each, fewer if the set is small) of unaugmented
+        training images, the same ones for a given seed."""
+        check_count("calibration_batches(n_batches)", n_batches, 1, 1 << 20)
+        if self.calib_set is None:
+            self.setup("fit")
+        assert self.calib_set is not None
+        n = min(len(self.calib_set), n_batches * self.batch_size)
+        order = torch.randperm(len(self.calib_set), generator=torch.Generator().manual_seed(self.seed))[:n]
+        images = torch.stack([self.calib_set[int(i)][0] for i in order])
+        return list(images.split(self.batch_size))
