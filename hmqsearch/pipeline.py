@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
 from hmqsearch.constrained.constraints import Constraint
-from hmqsearch.constrained.repair import repair
+from hmqsearch.constrained.repair import fill, repair
 from hmqsearch.cost import latency as lat
 from hmqsearch.cost import size
 from hmqsearch.errors import UserError
@@ -49,7 +49,7 @@ class Context:
 
 def quant_spec(cfg: DictConfig) -> QuantSpec:
     s = cfg.search
-    pins = [Pin(**p) for p in OmegaConf.to_container(s.get("pins") or [], resolve=True)]
+    pins = [Pin(**p) for p in (OmegaConf.to_container(s.pins, resolve=True) if s.get("pins") else [])]
     spec = QuantSpec(
         weight_bits=list(s.weight_bits), act_bits=list(s.act_bits), n_thresholds=s.n_thresholds,
         weight_per_channel=s.weight_per_channel, mode=s.mode, first_layer_act_bits=s.first_layer_act_bits,
@@ -207,6 +207,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         t0 = time.time()
         search_module = search(ctx, qmodel, constraints)
         steps = repair(qmodel, constraints)
+        filled = fill(qmodel, constraints) if cfg.search.fill_budget else []
         timings["search_s"] = time.time() - t0
         search_top1 = evaluate(qmodel, test_loader, num_classes)
 
@@ -234,6 +235,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "budget_latency_ms": budget_entries.get("latency_ms", {}).get("budget"),
             "duals": search_module.duals.as_dict(),
             "repair": [s.__dict__ for s in steps],
+            "fill": [s.__dict__ for s in filled],
             "activation_ranges": ranges,
             "timings": {**timings, "total_s": time.time() - started},
             "pretrained": cfg.model.pretrained,

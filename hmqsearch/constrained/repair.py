@@ -19,7 +19,7 @@ class RepairStep:
     quantizer: str
     from_bits: int
     to_bits: int
-    margin: float  # logit margin given up: how strongly the search preferred the old choice
+    evidence: float  # repair: logit margin given up; fill: probability of the new bit-width
 
 
 def _lowered(q: HMQQuantizer) -> tuple[int, int] | None:
@@ -77,3 +77,38 @@ def repair(qmodel: QuantModel, constraints: list[Constraint]) -> list[RepairStep
         step = RepairStep(name, old_bits, q.scheme().bits, margin)
         log.info("repair: %s %d -> %d bits (logit margin %.3f)", name, step.from_bits, step.to_bits, margin)
         steps.append(step)
+
+
+def fill(qmodel: QuantModel, constraints: list[Constraint]) -> list[RepairStep]:
+    """Spend budget slack left by the argmax: raise precision while every budget still holds.
+
+    The expected costs the search constrains average over the logits' mass, so the argmax of
+    a converged search usually lands below its budgets.  Each step raises the quantizer whose
+    next-higher bit-width holds the most probability (the search's own second choice) by one
+    bit-width, if the assignment stays feasible with exact costs.
+    """
+    steps: list[RepairStep] = []
+    quantizers = [(n, q) for n, q in qmodel.quantizers() if not q.float_pinned]
+    blocked: set[str] = set()
+    while True:
+        best: tuple[float, str, HMQQuantizer, int, int] | None = None
+        for name, q in quantizers:
+            b, _ = q.chosen_index()
+            if name in blocked or b + 1 >= len(q.bits):
+                continue
+            mass = float(q.bit_probs().detach()[b + 1])
+            if best is None or mass > best[0]:
+                best = (mass, name, q, b + 1, int(torch.argmax(q.logits.detach()[b + 1])))
+        if best is None:
+            return steps
+        mass, name, q, b, j = best
+        saved = q.logits.detach().clone()
+        old_bits = q.scheme().bits
+        _make_argmax(q, b, j)
+        if all(c.satisfied() for c in constraints):
+            steps.append(RepairStep(name, old_bits, q.scheme().bits, mass))
+            log.info("fill: %s %d -> %d bits (probability %.3f)", name, old_bits, q.scheme().bits, mass)
+        else:
+            with torch.no_grad():
+                q.logits.copy_(saved)
+            blocked.add(name)

@@ -11,9 +11,15 @@ from hmqsearch.quant.calibration import RangeObserver
 from hmqsearch.quant.prepare import QuantModel
 
 
-def _observe_input(obs: RangeObserver):  # noqa: ANN202 - a forward pre-hook
+SAMPLE_PER_BATCH = 16384  # input values kept per layer and batch to rank the threshold candidates
+
+
+def _observe_input(obs: RangeObserver, samples: list[Tensor], generator: torch.Generator):  # noqa: ANN202
     def hook(_module: torch.nn.Module, args: tuple[Tensor, ...]) -> None:
-        obs(args[0])
+        x = obs(args[0]).detach().flatten()
+        if x.numel() > SAMPLE_PER_BATCH:
+            x = x[torch.randint(0, x.numel(), (SAMPLE_PER_BATCH,), generator=generator, device="cpu").to(x.device)]
+        samples.append(x)
 
     return hook
 
@@ -25,10 +31,17 @@ def calibrate_activations(
     """Observe each layer's input on float forwards and centre its threshold grid on the range.
 
     An input that is never negative on the calibration data gets an unsigned grid (one more
-    bit of resolution, as after a ReLU).  Returns the calibrated range per layer.
+    bit of resolution, as after a ReLU).  Each bit-width's lowest-MSE threshold on a sample
+    of the inputs becomes that row's preferred threshold in the initial logits.  Returns the
+    calibrated range per layer.
     """
     observers = {name: RangeObserver() for name, _ in qmodel.layers()}
-    handles = [layer.register_forward_pre_hook(_observe_input(observers[name])) for name, layer in qmodel.layers()]
+    samples: dict[str, list[Tensor]] = {name: [] for name, _ in qmodel.layers()}
+    gen = torch.Generator().manual_seed(0)
+    handles = [
+        layer.register_forward_pre_hook(_observe_input(observers[name], samples[name], gen))
+        for name, layer in qmodel.layers()
+    ]
     states = {id(q): q.state for _, q in qmodel.quantizers()}
     was_training = qmodel.training
     qmodel.eval().set_state("float")
@@ -48,4 +61,5 @@ def calibrate_activations(
         layer.aq.signed = obs.signed
         ranges[name] = obs.compute_range(method, bits=bits, percentile=percentile)
         layer.aq.set_range(ranges[name])
+        layer.aq.init_from_data(torch.cat(samples[name]))
     return ranges

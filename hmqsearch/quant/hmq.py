@@ -27,6 +27,7 @@ from hmqsearch.kernels import fake_quant
 Mode = Literal["expected", "mixture", "hard"]
 State = Literal["float", "search", "fixed"]
 MODES: tuple[str, ...] = ("expected", "mixture", "hard")
+ROW_PRIOR = 4.0  # nats of prior on each bit-width's preferred threshold
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class HMQQuantizer(nn.Module):
         self.register_buffer("base_exp", torch.zeros(num_channels))
         self.register_buffer("tau", torch.tensor(1.0))
         self.n_thresholds = n_thresholds
+        self.init_mass = init_mass
         self.logits = nn.Parameter(self._initial_logits(init_mass))
 
     # ----------------------------------------------------------------- grid
@@ -90,17 +92,39 @@ class HMQQuantizer(nn.Module):
     def num_candidates(self) -> int:
         return self.logits.numel()
 
-    def _initial_logits(self, init_mass: float) -> Tensor:
-        """Put ``init_mass`` of the probability on (highest bits, widest threshold)."""
-        logits = torch.zeros(len(self.bits), self.n_thresholds)
-        k = logits.numel()
-        if k > 1:
-            logits[-1, 0] = math.log(init_mass * (k - 1) / (1.0 - init_mass))
+    def _initial_logits(self, init_mass: float, best: Tensor | None = None) -> Tensor:
+        """Logits with ``init_mass`` on the highest bit-width.
+
+        Inside every bit-width row the threshold ``best[b]`` (default: the widest) gets a prior
+        of ROW_PRIOR nats.  The mass the dual ascent later moves to a lower bit-width keeps
+        each row's internal proportions, so this prior decides which threshold a lowered
+        layer lands on: :meth:`init_from_data` sets it to the lowest-MSE threshold.
+        """
+        n_b, n_t = len(self.bits), self.n_thresholds
+        best = torch.zeros(n_b, dtype=torch.long) if best is None else best.cpu()
+        logits = torch.zeros(n_b, n_t)
+        logits[torch.arange(n_b), best] = ROW_PRIOR if n_t > 1 else 0.0
+        if logits.numel() > 1:
+            others = torch.exp(logits).sum() - torch.exp(logits[-1, best[-1]])
+            logits[-1, best[-1]] = math.log(init_mass * float(others) / (1.0 - init_mass))
         return logits
 
-    def reset_logits(self, init_mass: float = 0.95) -> None:
+    def reset_logits(self) -> None:
         with torch.no_grad():
-            self.logits.copy_(self._initial_logits(init_mass))
+            self.logits.copy_(self._initial_logits(self.init_mass))
+
+    @torch.no_grad()
+    def candidate_mse(self, x: Tensor) -> Tensor:
+        """Quantization MSE of every (bits, threshold) candidate on ``x``, shape (bits, thresholds)."""
+        step, lo, hi = self.candidate_tables()
+        mse = torch.stack([(self._quant(x, step[k], lo[k], hi[k]) - x).pow(2).mean() for k in range(len(step))])
+        return mse.reshape(self.logits.shape)
+
+    def init_from_data(self, x: Tensor) -> None:
+        """Initialise the logits with each bit-width's lowest-MSE threshold on ``x`` preferred."""
+        best = self.candidate_mse(x).argmin(1)
+        with torch.no_grad():
+            self.logits.copy_(self._initial_logits(self.init_mass, best).to(self.logits.device))
 
     def set_range(self, r: Tensor | float) -> None:
         """Centre the threshold grid on range estimate(s) ``r``: M = ceil(log2 r)."""

@@ -179,6 +179,7 @@ def prepare(model: nn.Module, spec: QuantSpec, example_input: Tensor) -> QuantMo
         cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
         qlayer = cls.from_float(layer, wq, aq)
         qlayer.wq.set_range(_weight_range(qlayer.weight, spec.weight_per_channel))
+        qlayer.wq.init_from_data(qlayer.weight.detach())
         _replace_module(net, layer, qlayer)
         names.append(name)
     qmodel = QuantModel(net, names, folded).eval()
