@@ -107,3 +107,15 @@ def test_bad_mode_and_bits():
     with pytest.raises(ValueError, match="at least one"):
         HMQQuantizer([])
     assert math.isfinite(make().expected_bits().item())
+
+
+def test_data_prior_prefers_lowest_mse_threshold_per_bit_width():
+    q = make(bits=(2, 8), n_t=4)  # thresholds 8, 4, 2, 1
+    x = torch.randn(20000, generator=torch.Generator().manual_seed(0))  # |x| mostly < 3
+    q.init_from_data(x)
+    mse = q.candidate_mse(x)
+    rows = q.logits.detach()
+    assert rows.argmax(1).tolist() == mse.argmin(1).tolist()
+    assert mse[0].argmin().item() > 0  # at 2 bits a narrower threshold than the widest wins
+    p = q.probs().reshape(2, 4)
+    assert p[1].max().item() == pytest.approx(0.95, abs=1e-5)  # initial mass on 8 bits
