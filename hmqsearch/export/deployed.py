@@ -1,0 +1,137 @@
+"""The deployed form of each quantized layer: integer weight codes, power-of-two steps, schemes.
+
+This is the single place where a fixed-state :class:`QuantModel` is turned into integers; the
+ONNX graph, the packed checkpoint and the profiler all read it.  Codes are computed with
+:func:`hmqsearch.quant.functional.quantize_to_int`, which for power-of-two steps equals the
+fake quantizer's ``step * round(clamp(x, lo, hi) / step)`` bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from hmqsearch.errors import UserError
+from hmqsearch.quant.functional import channel_view, int_range, quantize_to_int
+from hmqsearch.quant.hmq import HMQQuantizer
+from hmqsearch.quant.layers import QuantConv2d, QuantLinear
+from hmqsearch.quant.prepare import QuantModel
+
+QuantLayer = QuantConv2d | QuantLinear
+
+
+@dataclass(frozen=True)
+class QScheme:
+    """A discrete power-of-two scheme: bits, signedness, threshold exponents (one per channel)."""
+
+    bits: int
+    signed: bool
+    threshold_exp: tuple[int, ...]
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return int_range(self.bits, self.signed)
+
+    @property
+    def steps(self) -> np.ndarray:
+        """float32 steps 2^(e - (b-1)) signed, 2^(e - b) unsigned: exact powers of two."""
+        shift = self.bits - 1 if self.signed else self.bits
+        return np.array([2.0 ** (e - shift) for e in self.threshold_exp], dtype=np.float32)
+
+    @property
+    def container_bits(self) -> int:
+        """int4/uint4 for 1-4 bits, int8/uint8 for 5-8 (DESIGN.md)."""
+        return 4 if self.bits <= 4 else 8
+
+    @property
+    def fills_container(self) -> bool:
+        """True when the integer range is the whole container's (no extra clamp needed)."""
+        return self.bits == self.container_bits
+
+    def at_bits(self, bits: int) -> "QScheme":
+        return replace(self, bits=bits)
+
+
+@dataclass
+class DeployedLayer:
+    """One Conv2d/Linear as deployed: float or integer weights, an optional input scheme."""
+
+    name: str
+    kind: str  # "conv" or "linear"
+    weight: np.ndarray  # float32, the dequantized weights when quantized (q * step)
+    float_weight: np.ndarray  # float32, the layer's own (unquantized) weights
+    codes: np.ndarray | None  # int32 weight codes, None when the weights stay float
+    wscheme: QScheme | None
+    ascheme: QScheme | None  # None: the input stays float
+    bias: np.ndarray | None
+    stride: tuple[int, ...] = (1, 1)
+    pads: tuple[int, ...] = (0, 0, 0, 0)  # ONNX order: begins then ends
+    dilation: tuple[int, ...] = (1, 1)
+    groups: int = 1
+
+    def at_bits(self, w_bits: int | None, a_bits: int | None) -> "DeployedLayer":
+        """The same layer quantized at other bit-widths (None = float), same thresholds."""
+        wscheme = None if w_bits is None or self.wscheme is None else self.wscheme.at_bits(w_bits)
+        ascheme = None if a_bits is None or self.ascheme is None else self.ascheme.at_bits(a_bits)
+        codes = None if wscheme is None else quantize_codes(torch.from_numpy(self.float_weight), wscheme)
+        weight = self.float_weight if wscheme is None else dequantize_codes(codes, wscheme)
+        return replace(self, weight=weight, codes=codes, wscheme=wscheme, ascheme=ascheme)
+
+
+def scheme_of(q: HMQQuantizer) -> QScheme | None:
+    """The argmax scheme of ``q``; None when the tensor is pinned to float."""
+    if q.float_pinned:
+        return None
+    s = q.scheme()
+    return QScheme(s.bits, s.signed, tuple(s.threshold_exp))
+
+
+def quantize_codes(weight: torch.Tensor, scheme: QScheme) -> np.ndarray:
+    """Integer codes clamp(round(w / step)) with per-output-channel (axis 0) or scalar steps."""
+    steps = torch.from_numpy(scheme.steps)
+    step = channel_view(steps, weight.dim(), 0) if steps.numel() > 1 else steps.reshape(())
+    return quantize_to_int(weight.detach().float().cpu(), step, scheme.bits, scheme.signed).numpy()
+
+
+def dequantize_codes(codes: np.ndarray, scheme: QScheme) -> np.ndarray:
+    steps = scheme.steps
+    if steps.size > 1:
+        steps = steps.reshape((-1,) + (1,) * (codes.ndim - 1))
+    return (codes.astype(np.float32) * steps).astype(np.float32)
+
+
+def _conv_pads(layer: QuantConv2d) -> tuple[int, ...]:
+    if layer.padding_mode != "zeros":
+        raise UserError(f"{layer}: padding_mode={layer.padding_mode!r} cannot be exported; only 'zeros'")
+    if layer.padding == "valid":
+        return (0, 0, 0, 0)
+    if layer.padding == "same":  # PyTorch puts the odd pixel at the end
+        total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+        return tuple(t // 2 for t in total) + tuple(t - t // 2 for t in total)
+    return tuple(layer.padding) * 2
+
+
+def deployed_layer(name: str, layer: QuantLayer) -> DeployedLayer:
+    wscheme, ascheme = scheme_of(layer.wq), scheme_of(layer.aq)
+    weight = layer.weight.detach().float().cpu()
+    codes = None if wscheme is None else quantize_codes(weight, wscheme)
+    bias = None if layer.bias is None else layer.bias.detach().float().cpu().numpy()
+    common = dict(
+        name=name,
+        weight=weight.numpy() if wscheme is None else dequantize_codes(codes, wscheme),
+        float_weight=weight.numpy(),
+        codes=codes, wscheme=wscheme, ascheme=ascheme, bias=bias,
+    )
+    if isinstance(layer, QuantConv2d):
+        return DeployedLayer(
+            kind="conv", stride=tuple(layer.stride), pads=_conv_pads(layer),
+            dilation=tuple(layer.dilation), groups=layer.groups, **common,
+        )
+    return DeployedLayer(kind="linear", **common)
+
+
+def deployed_layers(qmodel: QuantModel) -> list[DeployedLayer]:
+    """Every quantized layer of ``qmodel`` in execution order, at its argmax assignment."""
+    return [deployed_layer(name, layer) for name, layer in qmodel.layers()]

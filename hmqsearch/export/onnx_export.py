@@ -1,0 +1,395 @@
+"""ONNX QDQ deployment graph of a fixed-state :class:`QuantModel`.
+
+Route: every quantized layer is swapped for a marker module whose ``torch.autograd.Function``
+exports as one custom node; the rest of the network (ReLU, adds, padding, slicing, pooling,
+flatten, ...) goes through torch's TorchScript ONNX exporter unchanged.  Each marker node is
+then expanded into standard opset-21 nodes:
+
+    x -> [Clip(lo, hi)] -> QuantizeLinear(s, 0) -> DequantizeLinear --+
+    W_int (int8 | int4) -> DequantizeLinear(s_c, 0, axis=0) ----------+-> Conv | Gemm (+ float bias)
+
+* Weights are integer initializers (int8 for 5-8 bits, int4 for 1-4 bits, ONNX's packed int4)
+  with float32 power-of-two per-channel scales and zero point 0.
+* Input activations are QuantizeLinear -> DequantizeLinear in int8/uint8/int4/uint4 (unsigned
+  when the scheme is).  When the bit-width is narrower than its container (e.g. 6 bits in an
+  int8) a Clip to [qmin * s, qmax * s] comes first, so the codes keep the narrower range.
+* Tensors pinned to float stay float.
+
+The graph is lossless: QuantizeLinear rounds half to even and all scales are powers of two,
+so every quantized value equals PyTorch's fake quantization bit for bit (onnxruntime with
+graph optimizations off reproduces the PyTorch logits exactly).
+
+Graph forms.  onnxruntime (CPU) turns ``DQ(x) -> Conv(DQ(W)) -> [Relu] -> Q`` into QLinearConv,
+an integer kernel, but only for 8-bit containers and only when the layer's output feeds the
+next quantizer; a DQ'd weight that is not fused keeps its Conv from prepacking the weights
+and runs at about half the float speed.  ``form="onnxruntime"`` (default) therefore writes:
+
+* fusable layers: ``W_int8 -> DQ``, and ``W_int4 -> Cast(int8) -> DQ`` (folded at load time;
+  onnxruntime has no int4 convolution) -> QLinearConv;
+* the other layers: ``W_int -> Cast(float) -> Mul(scale)``, which onnxruntime folds into a
+  prepacked float weight at load time.
+
+``form="portable"`` puts DequantizeLinear directly on every integer weight (the textbook QDQ
+form, for runtimes that fuse it themselves, e.g. TensorRT).  Both forms store the same
+integers and compute the same values.  When fusing, onnxruntime rounds the float bias to int32
+at s_x * s_w: that is the one numerical difference the runtime adds (a requantized output can
+move by one step when its exact value lies within half an accumulator step of a rounding
+boundary); a bias already on that grid makes the fused graph bit-exact too.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+from torch import Tensor, nn
+
+from hmqsearch.errors import UserError
+from hmqsearch.export.deployed import DeployedLayer, QScheme, deployed_layers
+from hmqsearch.export.intpack import pack
+from hmqsearch.io import atomic_write
+from hmqsearch.quant.fold import _replace_module
+from hmqsearch.quant.prepare import QuantModel
+
+log = logging.getLogger(__name__)
+
+OPSET = 21  # QuantizeLinear/DequantizeLinear with int4/uint4
+IR_VERSION = 10  # the IR that introduced int4 and opset 21; onnxruntime >= 1.18 reads it
+TRACE_OPSET = 20  # the highest the TorchScript exporter writes; 20 -> 21 changed no semantics
+MARKER_DOMAIN = "hmqsearch.export"
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+FORMS = ("onnxruntime", "portable")
+
+_CONTAINER = {(4, True): TensorProto.INT4, (4, False): TensorProto.UINT4,
+              (8, True): TensorProto.INT8, (8, False): TensorProto.UINT8}
+
+
+def container_type(scheme: QScheme) -> int:
+    """ONNX element type holding the scheme's codes."""
+    return _CONTAINER[(scheme.container_bits, scheme.signed)]
+
+
+def int_initializer(name: str, codes: np.ndarray, scheme: QScheme) -> onnx.TensorProto:
+    """Integer codes as an int8/uint8 or (packed, low nibble first) int4/uint4 initializer."""
+    if scheme.container_bits == 8:
+        return numpy_helper.from_array(codes.astype(np.int8 if scheme.signed else np.uint8), name)
+    raw = pack(codes, 4, scheme.signed).tobytes()
+    return helper.make_tensor(name, container_type(scheme), list(codes.shape), raw, raw=True)
+
+
+def _zero_point(name: str, scheme: QScheme, shape: list[int]) -> onnx.TensorProto:
+    return int_initializer(name, np.zeros(shape, dtype=np.int32), scheme)
+
+
+def _f32(value: float | np.ndarray, name: str) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
+
+
+@dataclass
+class Subgraph:
+    """Nodes and initializers that implement one deployed layer."""
+
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+    weight_bytes: int = 0  # weights + scales + biases, as stored
+
+    def init(self, tensor: onnx.TensorProto, counted: bool = False) -> str:
+        self.initializers.append(tensor)
+        if counted:
+            self.weight_bytes += len(tensor.raw_data) or numpy_helper.to_array(tensor).nbytes
+        return tensor.name
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs: object) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+
+def quantize_dequantize(sub: Subgraph, x: str, scheme: QScheme, prefix: str) -> str:
+    """x -> [Clip] -> QuantizeLinear -> DequantizeLinear for a per-tensor activation scheme."""
+    step = float(scheme.steps[0])
+    qmin, qmax = scheme.qrange
+    if not scheme.fills_container:
+        lo = sub.init(_f32(qmin * step, f"{prefix}_clip_lo"))
+        hi = sub.init(_f32(qmax * step, f"{prefix}_clip_hi"))
+        x = sub.node("Clip", [x, lo, hi], f"{prefix}_clipped")
+    scale = sub.init(_f32(step, f"{prefix}_scale"))
+    zp = sub.init(_zero_point(f"{prefix}_zero_point", scheme, []))
+    q = sub.node("QuantizeLinear", [x, scale, zp], f"{prefix}_quantized")
+    return sub.node("DequantizeLinear", [q, scale, zp], f"{prefix}_dequantized")
+
+
+def _weight(sub: Subgraph, layer: DeployedLayer, form: str, fused: bool) -> str:
+    """The layer's float weight tensor as computed from its integer initializer."""
+    name, scheme = layer.name, layer.wscheme
+    if scheme is None or layer.codes is None:
+        return sub.init(_f32(layer.weight, f"{name}.weight"), counted=True)
+    w = sub.init(int_initializer(f"{name}.weight_quantized", layer.codes, scheme), counted=True)
+    steps = scheme.steps
+    per_channel = steps.size > 1
+    if form == "onnxruntime" and not fused:  # folded by onnxruntime into a float weight
+        shape = (-1,) + (1,) * (layer.codes.ndim - 1) if per_channel else ()
+        scale = sub.init(_f32(steps.reshape(shape), f"{name}.weight_scale"), counted=True)
+        wf = sub.node("Cast", [w], f"{name}.weight_float", to=TensorProto.FLOAT)
+        return sub.node("Mul", [wf, scale], f"{name}.weight_dequantized")
+    scale = sub.init(_f32(steps if per_channel else steps[0], f"{name}.weight_scale"), counted=True)
+    if form == "onnxruntime" and scheme.container_bits == 4:  # int4 codes widened for QLinearConv
+        scheme = QScheme(8, scheme.signed, scheme.threshold_exp)
+        w = sub.node("Cast", [w], f"{name}.weight_int8", to=container_type(scheme))
+    zp = sub.init(_zero_point(f"{name}.weight_zero_point", scheme, [steps.size] if per_channel else []))
+    attrs = {"axis": 0} if per_channel else {}
+    return sub.node("DequantizeLinear", [w, scale, zp], f"{name}.weight_dequantized", **attrs)
+
+
+def layer_subgraph(
+    layer: DeployedLayer, x: str, y: str, input_rank: int, form: str = "portable", fused: bool = False
+) -> Subgraph:
+    """The opset-21 nodes computing ``y = layer(x)`` as deployed."""
+    if form not in FORMS:
+        raise UserError(f"export.form={form!r}; allowed: {', '.join(FORMS)}")
+    sub = Subgraph()
+    name = layer.name
+    if layer.ascheme is not None:
+        x = quantize_dequantize(sub, x, layer.ascheme, f"{name}.input")
+    w = _weight(sub, layer, form, fused)
+    inputs = [x, w]
+    if layer.bias is not None:
+        inputs.append(sub.init(_f32(layer.bias, f"{name}.bias"), counted=True))
+    if layer.kind == "conv":
+        sub.nodes.append(helper.make_node(
+            "Conv", inputs, [y], name=f"{name}.conv", kernel_shape=list(layer.weight.shape[2:]),
+            strides=list(layer.stride), pads=list(layer.pads), dilations=list(layer.dilation), group=layer.groups,
+        ))
+    elif input_rank == 2:
+        sub.nodes.append(helper.make_node("Gemm", inputs, [y], name=f"{name}.gemm", transB=1))
+    else:  # Linear on [..., in]: MatMul with W^T, then the bias
+        wt = sub.node("Transpose", [w], f"{name}.weight_t", perm=[1, 0])
+        if layer.bias is None:
+            sub.nodes.append(helper.make_node("MatMul", [x, wt], [y], name=f"{name}.matmul"))
+        else:
+            mm = sub.node("MatMul", [x, wt], f"{name}.matmul")
+            sub.nodes.append(helper.make_node("Add", [mm, inputs[2]], [y], name=f"{name}.add_bias"))
+    return sub
+
+
+# ---------------------------------------------------------------- tracing with markers
+class _MarkerOp(torch.autograd.Function):
+    """Runs the deployed layer in PyTorch; exports as one ``hmqsearch.export::QuantLayer`` node."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: int, module: "_MarkerLayer") -> Tensor:  # noqa: ANN001
+        return module.compute(x)
+
+    @staticmethod
+    def symbolic(g, x, index: int, module: "_MarkerLayer"):  # noqa: ANN001, ANN205 - TorchScript values
+        out = g.op(f"{MARKER_DOMAIN}::QuantLayer", x, index_i=index, rank_i=x.type().dim())
+        out.setType(x.type().with_sizes([None, *module.out_shape[1:]]))
+        return out
+
+
+class _MarkerLayer(nn.Module):
+    """Stand-in for a quantized layer during tracing (plain tensor ops, no quantizer state)."""
+
+    def __init__(self, layer: DeployedLayer, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.layer = layer
+        self.out_shape: list[int] = []  # recorded while tracing, for the marker's output type
+
+    def compute(self, x: Tensor) -> Tensor:
+        d = self.layer
+        if d.ascheme is not None:
+            step = float(d.ascheme.steps[0])
+            qmin, qmax = d.ascheme.qrange
+            x = torch.round(torch.clamp(x, qmin * step, qmax * step) / step) * step
+        w = torch.from_numpy(d.weight)
+        b = None if d.bias is None else torch.from_numpy(d.bias)
+        if d.kind == "linear":
+            out = F.linear(x, w, b)
+        else:
+            pad_h0, pad_w0, pad_h1, pad_w1 = d.pads
+            out = F.conv2d(F.pad(x, (pad_w0, pad_w1, pad_h0, pad_h1)), w, b, d.stride, 0, d.dilation, d.groups)
+        self.out_shape = list(out.shape)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _MarkerOp.apply(x, self.index, self)
+
+
+def trace_markers(qmodel: QuantModel, layers: list[DeployedLayer], example: Tensor) -> onnx.ModelProto:
+    """The network traced to ONNX with one marker node per quantized layer (not yet runnable)."""
+    net = copy.deepcopy(qmodel.net).eval()
+    modules = dict(net.named_modules())
+    for index, layer in enumerate(layers):
+        _replace_module(net, modules[layer.name], _MarkerLayer(layer, index))
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            net, (example,), buf, dynamo=False, opset_version=TRACE_OPSET,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            custom_opsets={MARKER_DOMAIN: 1},
+        )
+    return onnx.load_from_string(buf.getvalue())
+
+
+# ---------------------------------------------------------------- which layers fuse
+class _Graph:
+    """Consumers and constants of a traced graph."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        self.constants: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        self.outputs = {o.name for o in model.graph.output}
+        for node in model.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+
+    def only_consumer(self, name: str) -> onnx.NodeProto | None:
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 and name not in self.outputs else None
+
+    def bound(self, node: onnx.NodeProto, i: int, default: float) -> float | None:
+        if len(node.input) <= i or not node.input[i]:
+            return default
+        value = self.constants.get(node.input[i])
+        return None if value is None else float(value)
+
+
+def _marker_index(node: onnx.NodeProto | None) -> int | None:
+    if node is None or node.domain != MARKER_DOMAIN:
+        return None
+    return next(a.i for a in node.attribute if a.name == "index")
+
+
+def fusable_layers(traced: onnx.ModelProto, layers: list[DeployedLayer]) -> dict[int, tuple[int, str | None]]:
+    """Layers onnxruntime runs as QLinearConv, mapped to (consuming layer, activation between).
+
+    Fusable: a Conv with 8-bit input and quantized weights whose output reaches the next
+    layer's 8-bit quantizer alone, directly or through a Relu (unsigned quantizer) or a Clip
+    that clips no more than the quantizer does.
+    """
+    graph = _Graph(traced)
+    fused: dict[int, tuple[int, str | None]] = {}
+    for node in traced.graph.node:
+        i = _marker_index(node)
+        if i is None or not _integer_kernel_possible(layers[i]):
+            continue
+        nxt = graph.only_consumer(node.output[0])
+        act = nxt.op_type if nxt is not None and nxt.domain == "" else None
+        between = nxt
+        if act in ("Relu", "Clip"):
+            nxt = graph.only_consumer(nxt.output[0])
+        j = _marker_index(nxt)
+        if j is None or (s := layers[j].ascheme) is None or s.container_bits != 8 or not s.fills_container:
+            continue
+        step = float(s.steps[0])
+        lo, hi = s.qrange[0] * step, s.qrange[1] * step
+        if act == "Relu" and s.signed:
+            continue
+        if act == "Clip":
+            cmin, cmax = graph.bound(between, 1, -np.inf), graph.bound(between, 2, np.inf)
+            if cmin is None or cmax is None or cmin > lo or cmax < hi:
+                continue
+        fused[i] = (j, act if act in ("Relu", "Clip") else None)
+    return fused
+
+
+def _integer_kernel_possible(layer: DeployedLayer) -> bool:
+    return (
+        layer.kind == "conv" and layer.wscheme is not None
+        and layer.ascheme is not None and layer.ascheme.container_bits == 8
+    )
+
+
+# ---------------------------------------------------------------- assembly
+@dataclass
+class ExportInfo:
+    """What :func:`export_onnx` wrote."""
+
+    path: Path
+    onnx_bytes: int
+    weight_bytes: int  # weight + scale + bias initializers of the quantized layers
+    integer_kernel_layers: list[str]  # layers onnxruntime can run as QLinearConv
+    form: str
+
+
+def _expand(traced: onnx.ModelProto, layers: list[DeployedLayer], form: str) -> tuple[onnx.ModelProto, int, set[int]]:
+    fused = set(fusable_layers(traced, layers))
+    if form == "portable":  # no int4 convolution kernel in onnxruntime
+        fused = {i for i in fused if layers[i].wscheme is not None and layers[i].wscheme.container_bits == 8}
+    graph = traced.graph
+    nodes: list[onnx.NodeProto] = []
+    inits = list(graph.initializer)
+    weight_bytes = 0
+    seen: set[int] = set()
+    for node in graph.node:
+        index = _marker_index(node)
+        if index is None:
+            nodes.append(node)
+            continue
+        if index in seen:
+            raise UserError(f"layer {layers[index].name} is called more than once; shared layers cannot be exported")
+        seen.add(index)
+        rank = next(a.i for a in node.attribute if a.name == "rank")
+        sub = layer_subgraph(layers[index], node.input[0], node.output[0], rank, form, index in fused)
+        nodes += sub.nodes
+        inits += sub.initializers
+        weight_bytes += sub.weight_bytes
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    del graph.value_info[:]
+    opsets = [o for o in traced.opset_import if o.domain not in (MARKER_DOMAIN, "")]
+    del traced.opset_import[:]
+    traced.opset_import.extend([helper.make_opsetid("", OPSET), *opsets])
+    traced.ir_version = IR_VERSION
+    model = onnx.shape_inference.infer_shapes(traced, check_type=True, strict_mode=True)
+    onnx.checker.check_model(model, full_check=True)
+    return model, weight_bytes, fused
+
+
+def build_onnx(
+    qmodel: QuantModel, example: Tensor, form: str = "onnxruntime", as_float: bool = False
+) -> tuple[onnx.ModelProto, int, list[str]]:
+    """The checked opset-21 model, the bytes of its layer weights/scales/biases, the fusable layers.
+
+    ``as_float``: the same network with every layer in float32 (the reference for speed-ups).
+    """
+    if form not in FORMS:
+        raise UserError(f"export.form={form!r}; allowed: {', '.join(FORMS)}")
+    layers = deployed_layers(qmodel)
+    if as_float:
+        layers = [d.at_bits(None, None) for d in layers]
+    traced = trace_markers(qmodel, layers, example[:1].detach().cpu().float())
+    model, weight_bytes, fused = _expand(traced, layers, form)
+    return model, weight_bytes, [layers[i].name for i in sorted(fused)]
+
+
+def export_onnx(
+    qmodel: QuantModel, path: str | Path, example: Tensor, form: str = "onnxruntime", as_float: bool = False
+) -> ExportInfo:
+    """Write the deployment graph of ``qmodel``'s argmax assignment to ``path`` (atomically).
+
+    ``example``: an input batch (only its shape is used; the batch axis is dynamic).
+    """
+    model, weight_bytes, fused = build_onnx(qmodel, example, form, as_float)
+    path = atomic_write(path, lambda p: onnx.save_model(model, str(p)))
+    info = ExportInfo(path, path.stat().st_size, weight_bytes, fused, form)
+    log.info(
+        "exported %s (%d bytes; %d of %d layers run as integer kernels in onnxruntime)",
+        path, info.onnx_bytes, len(fused), len(qmodel.layer_names),
+    )
+    return info

@@ -1,0 +1,221 @@
+"""Packed checkpoint: integer weights at their bit-width, and a loader that rebuilds the model.
+
+``<base>.safetensors`` holds, per quantized layer:
+
+* ``<layer>.weight_packed`` (uint8): the weight codes densely packed at b bits
+  (:mod:`hmqsearch.export.intpack`, b-bit two's complement), ceil(n * b / 8) bytes;
+* ``<layer>.weight_exp`` (int8): the power-of-two threshold exponent of each channel
+  (step = 2^(exp - (b - 1))), one per scale;
+* ``<layer>.bias`` (float32); ``<layer>.weight`` (float32) instead of the two above when the
+  weights are pinned to float;
+* ``extra/<key>``: any other state of the network (e.g. a batch norm that could not be folded).
+
+The weight, exponent and bias bytes are exactly :func:`hmqsearch.cost.size.exact_weight_bytes`
+on the "packed" basis.  ``<base>.json`` holds the architecture (a Hydra ``_target_`` and its
+arguments), the QuantSpec, the input shape, the per-layer schemes (as in precision.yaml) and
+the sha256 of the tensor file, so :func:`load_packed` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from hmqsearch.cost.size import exact_weight_bytes
+from hmqsearch.errors import UserError
+from hmqsearch.export.deployed import QScheme, dequantize_codes, deployed_layers
+from hmqsearch.export.intpack import pack, packed_size, unpack
+from hmqsearch.export.precision import apply_precision, assignment
+from hmqsearch.io import atomic_write, write_json
+from hmqsearch.quant.prepare import Pin, QuantModel, QuantSpec, prepare
+
+FORMAT = "hmqsearch-packed"
+VERSION = 1
+EXTRA = "extra/"
+
+
+def packed_paths(path: str | Path) -> tuple[Path, Path]:
+    """(tensor file, metadata file) for ``model.packed``, ``model.packed.safetensors`` or ``.json``."""
+    p = Path(path)
+    base = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
+
+
+def _layer_tensors(qmodel: QuantModel) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    tensors: dict[str, np.ndarray] = {}
+    per_layer: dict[str, int] = {}
+    for d in deployed_layers(qmodel):
+        mine: dict[str, np.ndarray] = {}
+        if d.wscheme is None or d.codes is None:
+            mine[f"{d.name}.weight"] = d.weight.astype(np.float32)
+        else:
+            exps = np.array(d.wscheme.threshold_exp, dtype=np.int64)
+            if exps.min() < -128 or exps.max() > 127:
+                raise UserError(f"{d.name}: threshold exponents {exps.min()}..{exps.max()} do not fit an int8")
+            mine[f"{d.name}.weight_packed"] = pack(d.codes, d.wscheme.bits, d.wscheme.signed)
+            mine[f"{d.name}.weight_exp"] = exps.astype(np.int8)
+        if d.bias is not None:
+            mine[f"{d.name}.bias"] = d.bias.astype(np.float32)
+        per_layer[d.name] = sum(t.nbytes for t in mine.values())
+        tensors.update(mine)
+    return tensors, per_layer
+
+
+def _extra_state(qmodel: QuantModel) -> dict[str, np.ndarray]:
+    """State of the network outside its quantized layers, keyed as in ``qmodel.net``."""
+    prefixes = tuple(f"{name}." for name in qmodel.layer_names)
+    return {
+        EXTRA + k: v.detach().cpu().numpy()
+        for k, v in qmodel.net.state_dict().items() if not k.startswith(prefixes)
+    }
+
+
+def _spec_dict(spec: QuantSpec) -> dict[str, Any]:
+    d = dataclasses.asdict(spec)
+    d["weight_bits"], d["act_bits"] = list(spec.weight_bits), list(spec.act_bits)
+    return d
+
+
+def save_packed(
+    path: str | Path, qmodel: QuantModel, *, arch: dict[str, Any], spec: QuantSpec, input_shape: tuple[int, ...]
+) -> dict[str, Any]:
+    """Write the packed checkpoint of ``qmodel``'s argmax assignment; returns its metadata.
+
+    ``arch``: the network as a Hydra node (``{"_target_": "pkg.module.factory", **kwargs}``),
+    ``spec``: the QuantSpec it was prepared with, ``input_shape``: one sample's shape (C, H, W).
+    """
+    if "_target_" not in arch:
+        raise UserError(f"architecture {arch!r} has no _target_; pass the model's Hydra config (model.net)")
+    st_path, json_path = packed_paths(path)
+    tensors, per_layer = _layer_tensors(qmodel)
+    packed_bytes = sum(per_layer.values())
+    expected = sum(exact_weight_bytes(qmodel, "packed").values())
+    if packed_bytes != expected:  # a bug, not a user mistake
+        raise AssertionError(f"packed checkpoint holds {packed_bytes} weight bytes, the size model says {expected}")
+    extra = _extra_state(qmodel)
+    blob = st_save({**tensors, **extra}, metadata={"format": FORMAT, "metadata": json_path.name})
+    atomic_write(st_path, lambda p: p.write_bytes(blob))
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "architecture": arch,
+        "quant_spec": _spec_dict(spec),
+        "input_shape": list(input_shape),
+        "layer_names": list(qmodel.layer_names),
+        "folded_batchnorm": [list(p) for p in qmodel.folded],
+        "layers": assignment(qmodel),
+        "packed_bytes": packed_bytes,
+        "per_layer_packed_bytes": per_layer,
+        "extra_bytes": sum(v.nbytes for v in extra.values()),
+        "file_bytes": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    write_json(json_path, meta)
+    return meta
+
+
+# ------------------------------------------------------------------------------- loading
+def read_packed_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a packed checkpoint, checked for format and version."""
+    _, json_path = packed_paths(path)
+    if not json_path.is_file():
+        raise UserError(f"packed checkpoint metadata {json_path} does not exist (written beside the .safetensors)")
+    try:
+        meta = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"packed checkpoint metadata {json_path} is not valid JSON (corrupt or truncated?): {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{json_path} is not a hmqsearch packed checkpoint (format {FORMAT!r} expected)")
+    if meta.get("version") != VERSION:
+        raise UserError(f"{json_path} has version {meta.get('version')!r}; this hmqsearch reads version {VERSION}")
+    missing = [k for k in ("architecture", "quant_spec", "input_shape", "layers", "layer_names", "sha256") if k not in meta]
+    if missing:
+        raise UserError(f"packed checkpoint metadata {json_path} lacks {', '.join(missing)}")
+    return meta
+
+
+def _read_tensors(st_path: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    if not st_path.is_file():
+        raise UserError(f"packed checkpoint {st_path} does not exist")
+    blob = st_path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+        raise UserError(
+            f"packed checkpoint {st_path} is corrupt or truncated: {len(blob)} bytes whose sha256 differs "
+            f"from the one recorded in its metadata ({meta.get('file_bytes')} bytes expected)"
+        )
+    try:
+        return st_load(blob)
+    except SafetensorError as exc:
+        raise UserError(f"packed checkpoint {st_path} is not a valid safetensors file: {exc}") from exc
+
+
+def _tensor(tensors: dict[str, np.ndarray], key: str, st_path: Path) -> np.ndarray:
+    if key not in tensors:
+        raise UserError(f"packed checkpoint {st_path} lacks tensor {key!r}")
+    return tensors[key]
+
+
+def _build(meta: dict[str, Any], source: Path) -> QuantModel:
+    from hydra.utils import instantiate
+
+    try:
+        net = instantiate(meta["architecture"])
+    except Exception as exc:  # noqa: BLE001 - any failure to import or build the target
+        raise UserError(f"{source}: cannot build the architecture {meta['architecture'].get('_target_')!r}: {exc}") from exc
+    spec_d = dict(meta["quant_spec"])
+    spec_d["pins"] = [Pin(**p) for p in spec_d.get("pins", [])]
+    try:
+        spec = QuantSpec(**spec_d)
+    except TypeError as exc:
+        raise UserError(f"{source}: quant_spec {meta['quant_spec']!r} is not a QuantSpec ({exc})") from exc
+    qmodel = prepare(net, spec, torch.zeros(1, *meta["input_shape"]))
+    if list(qmodel.layer_names) != list(meta["layer_names"]):
+        raise UserError(f"{source}: the rebuilt {meta['architecture']['_target_']} has other layers than the checkpoint")
+    return qmodel
+
+
+@torch.no_grad()
+def load_packed(path: str | Path) -> QuantModel:
+    """Rebuild the runnable fixed-state quantized model from a packed checkpoint alone."""
+    st_path, json_path = packed_paths(path)
+    meta = read_packed_meta(json_path)
+    tensors = _read_tensors(st_path, meta)
+    qmodel = _build(meta, json_path)
+    apply_precision(qmodel, {"layers": meta["layers"]}, source=str(json_path))
+    for name, layer in qmodel.layers():
+        if layer.wq.float_pinned:
+            weight = _tensor(tensors, f"{name}.weight", st_path)
+        else:
+            s = layer.wq.scheme()
+            scheme = QScheme(s.bits, s.signed, tuple(s.threshold_exp))
+            exps = _tensor(tensors, f"{name}.weight_exp", st_path)
+            if tuple(int(e) for e in exps) != scheme.threshold_exp:
+                raise UserError(f"packed checkpoint {st_path}: {name}.weight_exp disagrees with {json_path.name}")
+            data = _tensor(tensors, f"{name}.weight_packed", st_path)
+            n = layer.weight.numel()
+            if data.size != packed_size(n, scheme.bits):
+                raise UserError(f"packed checkpoint {st_path}: {name}.weight_packed has {data.size} bytes, expected {packed_size(n, scheme.bits)}")
+            codes = unpack(data, n, scheme.bits, scheme.signed).reshape(tuple(layer.weight.shape))
+            weight = dequantize_codes(codes, scheme)
+        if tuple(weight.shape) != tuple(layer.weight.shape):
+            raise UserError(f"packed checkpoint {st_path}: {name} weight shape {weight.shape} != {tuple(layer.weight.shape)}")
+        layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
+        if layer.bias is not None:
+            layer.bias.copy_(torch.from_numpy(_tensor(tensors, f"{name}.bias", st_path)))
+    extra = {k.removeprefix(EXTRA): torch.from_numpy(v) for k, v in tensors.items() if k.startswith(EXTRA)}
+    prefixes = tuple(f"{name}." for name in qmodel.layer_names)
+    expected = {k for k in qmodel.net.state_dict() if not k.startswith(prefixes)}
+    if set(extra) != expected:
+        raise UserError(f"packed checkpoint {st_path}: other state {sorted(set(extra) ^ expected)[:5]} does not match the architecture")
+    qmodel.net.load_state_dict(extra, strict=False)
+    qmodel.set_state("fixed")
+    return qmodel.eval()

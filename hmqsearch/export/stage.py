@@ -1,0 +1,123 @@
+"""The export stage: ONNX graph + verification + packed checkpoint + measured latency.
+
+``export_run`` is what the pipeline (and ``hmqsearch export``) calls once the assignment is
+final.  Its ``cfg_export`` keys, all optional (defaults in :data:`DEFAULTS`):
+
+* ``form``: ``onnxruntime`` (tuned for onnxruntime's integer kernels) or ``portable``
+  (DequantizeLinear on every integer weight), see :mod:`hmqsearch.export.onnx_export`;
+* ``tolerance_agreement``: minimum top-1 agreement (percent) between the graph and PyTorch;
+  below it the graph is renamed ``model.FAILED-verification.onnx`` and a
+  :class:`~hmqsearch.export.verify.VerificationError` (a UserError) is raised;
+* ``verify_samples``: how many samples of ``loader`` the verification uses;
+* ``latency_batch``, ``latency_warmup``, ``latency_repeats``, ``latency_threads``: the whole-graph
+  latency measurement (median); ``compare_float``: also time the float32 graph of the same
+  network (not kept on disk) and report the speed-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from hmqsearch.cost.profiler import device_name, measure_graph_latency
+from hmqsearch.errors import UserError
+from hmqsearch.export.onnx_export import FORMS, export_onnx
+from hmqsearch.export.packed import packed_paths, save_packed
+from hmqsearch.export.verify import fail_export, first_batch, verify_onnx
+from hmqsearch.quant.prepare import QuantModel, QuantSpec
+
+log = logging.getLogger(__name__)
+
+ONNX_NAME = "model.onnx"
+PACKED_BASE = "model.packed"
+
+DEFAULTS: dict[str, Any] = {
+    "form": "onnxruntime",
+    "tolerance_agreement": 97.0,
+    "verify_samples": 1000,
+    "latency_batch": 1,
+    "latency_warmup": 5,
+    "latency_repeats": 20,
+    "latency_threads": 1,
+    "compare_float": True,
+}
+
+
+def export_config(cfg_export: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``cfg_export`` over :data:`DEFAULTS`, checked."""
+    cfg = {**DEFAULTS, **dict(cfg_export or {})}
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise UserError(f"unknown export options {unknown}; allowed: {', '.join(DEFAULTS)}")
+    if cfg["form"] not in FORMS:
+        raise UserError(f"export.form={cfg['form']!r}; allowed: {', '.join(FORMS)}")
+    if not 0.0 <= float(cfg["tolerance_agreement"]) <= 100.0:
+        raise UserError(f"export.tolerance_agreement={cfg['tolerance_agreement']!r}; allowed: a percentage 0..100")
+    for key in ("verify_samples", "latency_batch", "latency_repeats"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise UserError(f"export.{key}={cfg[key]!r}; allowed: an integer >= 1")
+    for key in ("latency_warmup", "latency_threads"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
+            raise UserError(f"export.{key}={cfg[key]!r}; allowed: an integer >= 0 (threads 0 = onnxruntime's choice)")
+    return cfg
+
+
+def export_run(
+    qmodel: QuantModel,
+    run_dir: Path,
+    loader: Iterable[Any],
+    cfg_export: Mapping[str, Any] | None,
+    *,
+    arch: Mapping[str, Any],
+    spec: QuantSpec,
+) -> dict[str, Any]:
+    """Export ``qmodel``'s argmax assignment into ``run_dir`` and return ``{"export": figures}``.
+
+    Writes ``model.onnx`` (verified against ``qmodel`` on ``loader``) and
+    ``model.packed.safetensors`` + ``model.packed.json``; measures the graph's latency.
+    ``arch`` is the network's Hydra node (``cfg.model.net`` as a dict), ``spec`` its QuantSpec:
+    both go into the packed checkpoint so that it can be loaded alone.
+    """
+    cfg = export_config(cfg_export)
+    run_dir = Path(run_dir)
+    qmodel.set_state("fixed")
+    qmodel.eval()
+    example = first_batch(loader)
+    input_shape = tuple(example.shape[1:])
+
+    onnx_path = run_dir / ONNX_NAME
+    info = export_onnx(qmodel, onnx_path, example, form=cfg["form"])
+    check = verify_onnx(onnx_path, qmodel, loader, cfg["tolerance_agreement"], cfg["verify_samples"])
+    if not check["passed"]:
+        fail_export(onnx_path, check)
+
+    meta = save_packed(run_dir / PACKED_BASE, qmodel, arch=dict(arch), spec=spec, input_shape=input_shape)
+    timing = dict(batch=cfg["latency_batch"], warmup=cfg["latency_warmup"], repeats=cfg["latency_repeats"], threads=cfg["latency_threads"])
+    latency = measure_graph_latency(onnx_path, input_shape, **timing)
+    figures: dict[str, Any] = {
+        "onnx_path": ONNX_NAME,
+        "onnx_form": info.form,
+        "onnx_bytes": info.onnx_bytes,
+        "onnx_weight_bytes": info.weight_bytes,
+        "integer_kernel_layers": info.integer_kernel_layers,
+        "packed_path": packed_paths(run_dir / PACKED_BASE)[0].name,
+        "packed_bytes": meta["packed_bytes"],
+        "packed_file_bytes": meta["file_bytes"],
+        "verify": {k: v for k, v in check.items() if k != "passed"},
+        "measured_latency_ms": latency,
+        "measured_latency_batch": cfg["latency_batch"],
+        "measured_latency_threads": cfg["latency_threads"],
+        "measured_latency_device": device_name(),
+    }
+    if cfg["compare_float"]:
+        with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
+            float_path = export_onnx(qmodel, Path(tmp) / "float.onnx", example, as_float=True).path
+            figures["measured_float_latency_ms"] = measure_graph_latency(float_path, input_shape, **timing)
+        figures["measured_speedup_vs_float"] = figures["measured_float_latency_ms"] / latency
+    log.info(
+        "export: %s (%d bytes, %d of them weights), packed %d bytes, %.3f ms at batch %d",
+        onnx_path, info.onnx_bytes, info.weight_bytes, meta["packed_bytes"], latency, cfg["latency_batch"],
+    )
+    return {"export": figures}
