@@ -1,0 +1,126 @@
+"""The fake-quant custom operators (namespace ``hmqsearch``) and the public ``fake_quant``.
+
+``hmqsearch::fake_quant`` and ``hmqsearch::fake_quant_backward`` are ``torch.library``
+custom ops with fake (meta) implementations and autograd, so they trace under
+``torch.compile`` as single opaque nodes.  Each call runs the CUDA extension when
+:mod:`hmqsearch.kernels.backend` provides one for the tensor's device, else
+:mod:`hmqsearch.kernels.torch_impl`; both have the same numerics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hmqsearch.kernels import backend, torch_impl
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("hmqsearch::fake_quant", mutates_args=())
+def fake_quant_op(x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, axis: int | None) -> Tensor:
+    """Fake quantization with float32 step/lo/hi: 0-dim (axis None) or (x.shape[axis],)."""
+    ext = backend.extension_for(x.device.type)
+    if ext is None:
+        return torch_impl.forward(x, step, lo, hi, axis)
+    return ext.forward(x, step, lo, hi, axis)
+
+
+@fake_quant_op.register_fake
+def _fake_quant_fake(x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, axis: int | None) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("hmqsearch::fake_quant_backward", mutates_args=())
+def fake_quant_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    step: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    axis: int | None,
+    param_grads: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_step, grad_lo, grad_hi); parameter gradients are zeros unless param_grads."""
+    ext = backend.extension_for(x.device.type)
+    if ext is None:
+        return torch_impl.backward(grad, x, step, lo, hi, axis, param_grads)
+    return ext.backward(grad, x, step, lo, hi, axis, param_grads)
+
+
+@fake_quant_backward_op.register_fake
+def _fake_quant_backward_fake(
+    grad: Tensor,
+    x: Tensor,
+    step: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    axis: int | None,
+    param_grads: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(step), torch.empty_like(lo), torch.empty_like(hi)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, step, lo, hi, axis = inputs
+    ctx.save_for_backward(x, step, lo, hi)
+    ctx.axis = axis
+
+
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    x, step, lo, hi = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:4]
+    grads = fake_quant_backward_op(grad, x, step, lo, hi, ctx.axis, any(needs[1:]))
+    return *(g if need else None for g, need in zip(grads, needs)), None
+
+
+fake_quant_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _param(value: Tensor | float, x: Tensor, channels: int | None, name: str) -> Tensor:
+    """value as a float32 tensor on x's device: 0-dim if it has one element, else (channels,)."""
+    if isinstance(value, Tensor):
+        t = value.to(device=x.device, dtype=torch.float32)
+    else:
+        t = torch.tensor(value, device=x.device, dtype=torch.float32)
+    if t.numel() == 1:
+        return t.reshape(())
+    if channels is None or t.shape != (channels,):
+        expected = "one element" if channels is None else f"one element or shape ({channels},)"
+        raise ValueError(f"fake_quant: {name} needs {expected}, got shape {tuple(t.shape)}")
+    return t
+
+
+def fake_quant(
+    x: Tensor,
+    step: Tensor | float,
+    lo: Tensor | float,
+    hi: Tensor | float,
+    axis: int | None = None,
+) -> Tensor:
+    """``step * round(clamp(x, lo, hi) / step)``, differentiable w.r.t. x, step, lo and hi.
+
+    Per tensor (``axis=None``) step/lo/hi have one element; per channel (``axis`` any,
+    negative allowed) each is a scalar or a vector of length ``x.shape[axis]``.  Equals
+    :func:`hmqsearch.quant.functional.fake_quant_ref` bit for bit in float32; float16 and
+    bfloat16 inputs are computed in float32 and the output has x's dtype.  Rounding is half to
+    even; NaN stays NaN; +inf/-inf give hi/lo.  Gradients (straight-through estimator):
+    grad_x = g where lo <= x <= hi else 0; grad_step = sum g * (round(u) - u) with
+    u = clamp(x, lo, hi) / step; grad_lo = sum g where x < lo; grad_hi = sum g where x > hi.
+    At x == lo or x == hi exactly the whole g goes to x (autograd through the reference's
+    maximum/minimum would split it in halves between x and the bound).
+    """
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"fake_quant: x must be float32, float16 or bfloat16, got {x.dtype}")
+    channels = None
+    if axis is not None:
+        if not -x.dim() <= axis < x.dim():
+            raise ValueError(f"fake_quant: axis {axis} out of range for a {x.dim()}-d input")
+        axis %= x.dim()
+        channels = x.shape[axis]
+    params = [_param(v, x, channels, n) for v, n in ((step, "step"), (lo, "lo"), (hi, "hi"))]
+    if all(p.dim() == 0 for p in params):
+        return fake_quant_op(x, *params, None)
+    return fake_quant_op(x, *(p.expand(channels) for p in params), axis)
