@@ -40,6 +40,7 @@ boundary); a bias already on that grid makes the fused graph bit-exact too.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import logging
 import warnings
@@ -231,10 +232,12 @@ def trace_markers(qmodel: QuantModel, layers: list[DeployedLayer], example: Tens
     for index, layer in enumerate(layers):
         _replace_module(net, modules[layer.name], _MarkerLayer(layer, index))
     buf = io.BytesIO()
+    # torch >= 2.9 defaults to the torch.export-based exporter; the marker needs the TorchScript one
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
-            net, (example,), buf, dynamo=False, opset_version=TRACE_OPSET,
+            net, (example,), buf, opset_version=TRACE_OPSET, **legacy,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             custom_opsets={MARKER_DOMAIN: 1},

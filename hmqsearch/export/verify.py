@@ -94,7 +94,7 @@ def verify_onnx(
             ref = model(x).float().cpu().numpy()
             feed = {input_name: x.detach().float().cpu().numpy()}
             for key, sess in sessions.items():
-                out = sess.run(None, feed)[0]
+                out = _run(sess, feed, onnx_path)
                 diff = np.abs(out.astype(np.float64) - ref)
                 s = stats[key]
                 s["agree"] += int((out.argmax(1) == ref.argmax(1)).sum())
@@ -123,6 +123,14 @@ def verify_onnx(
     result["passed"] = min(result["agreement"], result["reference_agreement"]) >= min_agreement
     _print(Path(onnx_path), result)
     return result
+
+
+def _run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], path: str | Path) -> np.ndarray:
+    try:
+        return sess.run(None, feed)[0]
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+        shapes = {k: v.shape for k, v in feed.items()}
+        raise UserError(f"ONNX file {path} rejects inputs {shapes}: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def _print(path: Path, r: dict[str, Any]) -> None:

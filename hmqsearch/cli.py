@@ -1,0 +1,263 @@
+"""``hmqsearch export | verify | profile``: the deployment tools on the command line.
+
+Exit status: 0 success, 1 an exported graph failed verification, 2 a user mistake (missing,
+corrupt or truncated file, wrong format, bad option), reported as one message without a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from hmqsearch.errors import UserError
+
+PROG = "hmqsearch"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+EPILOG = """exit status: 0 ok, 1 verification failed, 2 bad input (one message, no traceback)
+
+examples:
+  hmqsearch export --run-dir outputs/2024-01-01/12-00-00
+  hmqsearch export --packed run/model.packed.safetensors --out deploy/
+  hmqsearch verify run/model.onnx --packed run/model.packed.safetensors --samples 512
+  hmqsearch profile --out table.json model=resnet20 data=cifar10 search.weight_bits=[4,8]
+"""
+
+
+# ------------------------------------------------------------------------------- helpers
+def _run_config(run_dir: Path) -> tuple[dict[str, Any], Any]:
+    """A run's precision.yaml and the resolved config recorded in it (a DictConfig)."""
+    from omegaconf import OmegaConf
+
+    from hmqsearch.export.precision import read_precision
+
+    precision = read_precision(run_dir / "precision.yaml")
+    if not isinstance(precision.get("config"), dict):
+        raise UserError(f"{run_dir / 'precision.yaml'} has no 'config' section; it was not written by a hmqsearch run")
+    return precision, OmegaConf.create(precision["config"])
+
+
+def _test_loader(cfg: Any) -> Any:
+    """The test loader of the data set a run's config names."""
+    from hydra.utils import instantiate
+
+    try:
+        datamodule = instantiate(cfg.data)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a config that no longer builds
+        raise UserError(f"cannot build the run's data module {cfg.data.get('_target_')}: {exc}") from exc
+    datamodule.setup("fit")
+    return datamodule.test_dataloader()
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"quantized state {path} does not exist; is this the run directory of a finished run?")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise UserError(f"quantized state {path} cannot be read (corrupt or truncated?): {str(exc).splitlines()[0]}") from exc
+    if not isinstance(state, dict):
+        raise UserError(f"quantized state {path} holds no state_dict")
+    return state
+
+
+def _from_run_dir(run_dir: Path) -> tuple[Any, Any, Any, Any]:
+    """(qmodel, loader, arch, spec) rebuilt from a run's precision.yaml + quantized_state.pt."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from hmqsearch.export.precision import apply_precision
+    from hmqsearch.export.verify import first_batch
+    from hmqsearch.pipeline import quant_spec
+    from hmqsearch.quant.prepare import prepare
+
+    precision, cfg = _run_config(run_dir)
+    spec = quant_spec(cfg)
+    net = instantiate(cfg.model.net)
+    loader = _test_loader(cfg)
+    qmodel = prepare(net, spec, first_batch(loader)[:8])
+    state = _load_state(run_dir / "quantized_state.pt")
+    try:
+        qmodel.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"{run_dir / 'quantized_state.pt'} does not fit the run's model: {str(exc).splitlines()[0]}") from exc
+    apply_precision(qmodel, precision, source=str(run_dir / "precision.yaml"))
+    return qmodel, loader, OmegaConf.to_container(cfg.model.net, resolve=True), spec
+
+
+def _export_cfg(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    cfg = dict(base or {})
+    for key, value in (
+        ("form", args.form), ("tolerance_agreement", args.tolerance), ("verify_samples", args.samples),
+        ("latency_batch", args.batch), ("latency_threads", args.threads),
+    ):
+        if value is not None:
+            cfg[key] = value
+    return cfg
+
+
+# ------------------------------------------------------------------------------ commands
+def cmd_export(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from hmqsearch.export.packed import load_packed, read_packed_meta
+    from hmqsearch.export.stage import export_run
+    from hmqsearch.export.verify import random_loader
+    from hmqsearch.quant.prepare import Pin, QuantSpec
+
+    if (args.run_dir is None) == (args.packed is None):
+        raise UserError("export needs exactly one of --run-dir (a finished run) or --packed (a packed checkpoint)")
+    if args.run_dir is not None:
+        run_dir = Path(args.run_dir)
+        qmodel, loader, arch, spec = _from_run_dir(run_dir)
+        _, cfg = _run_config(run_dir)
+        base = OmegaConf.to_container(cfg.export, resolve=True) if cfg.get("export") else {}
+        out = Path(args.out) if args.out else run_dir
+    else:
+        meta = read_packed_meta(args.packed)
+        qmodel = load_packed(args.packed)
+        spec_d = dict(meta["quant_spec"])
+        spec = QuantSpec(**{**spec_d, "pins": [Pin(**p) for p in spec_d.get("pins", [])]})
+        arch, base = meta["architecture"], {}
+        loader = random_loader(tuple(meta["input_shape"]), args.samples or 256)
+        out = Path(args.out) if args.out else Path(args.packed).parent
+    figures = export_run(qmodel, out, loader, _export_cfg(args, base), arch=arch, spec=spec)["export"]
+    print(
+        f"wrote {out / figures['onnx_path']} ({figures['onnx_bytes']} bytes) and {out / figures['packed_path']} "
+        f"({figures['packed_bytes']} weight bytes); {figures['measured_latency_ms']:.3f} ms at batch "
+        f"{figures['measured_latency_batch']}"
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from hmqsearch.export.packed import load_packed, read_packed_meta
+    from hmqsearch.export.stage import DEFAULTS
+    from hmqsearch.export.verify import random_loader, session, verify_onnx
+
+    session(args.onnx)  # a clear message for a missing or broken graph before anything else
+    meta = read_packed_meta(args.packed)
+    qmodel = load_packed(args.packed)
+    samples = args.samples or (1000 if args.data_from else 256)
+    if args.data_from is not None:
+        _, cfg = _run_config(Path(args.data_from))
+        loader = _test_loader(cfg)
+    else:
+        loader = random_loader(tuple(meta["input_shape"]), samples)
+    tolerance = args.tolerance if args.tolerance is not None else DEFAULTS["tolerance_agreement"]
+    result = verify_onnx(args.onnx, qmodel, loader, tolerance, samples)
+    return 0 if result["passed"] else 1
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from hydra.utils import get_class, instantiate
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from hmqsearch.cost.profiler import profile_layers
+    from hmqsearch.pipeline import quant_spec
+    from hmqsearch.quant.calibrate import calibrate_activations
+    from hmqsearch.quant.prepare import prepare
+
+    conf_dir = Path(args.config_dir).resolve()
+    if not (conf_dir / "train.yaml").is_file():
+        raise UserError(f"config directory {conf_dir} has no train.yaml; pass --config-dir")
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = compose("train", overrides=list(args.overrides))
+        shape = tuple(args.input_shape) if args.input_shape else getattr(get_class(cfg.data._target_), "input_shape", None)
+        net = instantiate(cfg.model.net)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UserError(f"config: {str(exc).splitlines()[0]}") from exc
+    if not shape:
+        raise UserError(f"{cfg.data._target_} has no fixed input shape; pass --input-shape C H W")
+    spec = quant_spec(cfg)
+    example = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
+    qmodel = prepare(net, spec, example)
+    calibrate_activations(qmodel, [example])  # signedness (unsigned after ReLU) decides the kernels
+    qmodel.set_state("fixed")
+    table = profile_layers(
+        qmodel, example, batch=args.batch or 1, warmup=args.warmup, repeats=args.repeats,
+        threads=args.threads if args.threads is not None else 1, progress=print,
+    )
+    table.save(args.out)
+    print(f"wrote {args.out} ({table.source}, {len(table.ms)} layers, {OmegaConf.select(cfg, 'model.net._target_')})")
+    return 0
+
+
+# ------------------------------------------------------------------------------- parsing
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tolerance", type=float, help="minimum top-1 agreement in percent (export.tolerance_agreement, default 97)")
+    p.add_argument("--samples", type=int, help="samples to verify on (export.verify_samples)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Deployment tools of hmqsearch: ONNX export, verification, latency profiling.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{export,verify,profile}")
+
+    p = sub.add_parser("export", help="write model.onnx + model.packed.* from a run or a packed checkpoint",
+                       description="Export the ONNX deployment graph and the packed checkpoint, verify the graph "
+                       "against PyTorch and measure its latency.")
+    p.add_argument("--run-dir", help="a finished run: precision.yaml + quantized_state.pt (verifies on its test set)")
+    p.add_argument("--packed", help="a packed checkpoint (verifies on random inputs)")
+    p.add_argument("--out", help="output directory (default: beside the input)")
+    p.add_argument("--form", choices=["onnxruntime", "portable"], help="graph form (export.form)")
+    p.add_argument("--batch", type=int, help="batch size of the latency measurement (export.latency_batch)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads for timing (0 = all)")
+    _common(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("verify", help="check an ONNX graph against a packed checkpoint",
+                       description="Run the graph in onnxruntime and the packed checkpoint in PyTorch on the same "
+                       "inputs; report top-1 agreement and logit differences.")
+    p.add_argument("onnx", help="the ONNX file")
+    p.add_argument("--packed", required=True, help="the packed checkpoint (.safetensors or .json)")
+    p.add_argument("--data-from", help="a run directory whose test set to use (default: random inputs)")
+    _common(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("profile", help="write a measured latency table for a model config",
+                       description="Time every layer's deployed form at every candidate precision in onnxruntime "
+                       "and write the table for cost.latency=measured cost.latency_table=<file>.")
+    p.add_argument("--out", required=True, help="the latency table (JSON) to write")
+    p.add_argument("--config-dir", default=str(CONF_DIR), help="Hydra config directory (default: the project's conf/)")
+    p.add_argument("--input-shape", type=int, nargs="+", metavar="N", help="one sample's shape, e.g. 3 32 32")
+    p.add_argument("--batch", type=int, help="batch size (default 1)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs per entry (default 5)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per entry; the median is kept (default 20)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default 1, 0 = all)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=resnet20 data=cifar10")
+    p.set_defaults(func=cmd_profile)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from hmqsearch.export.verify import VerificationError
+
+    try:
+        return args.func(args)
+    except VerificationError as exc:
+        print(f"{PROG}: verification failed: {exc}", file=sys.stderr)
+        return 1
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
