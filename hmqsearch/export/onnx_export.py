@@ -350,10 +350,11 @@ def _expand(traced: onnx.ModelProto, layers: list[DeployedLayer], form: str) -> 
         nodes += sub.nodes
         inits += sub.initializers
         weight_bytes += sub.weight_bytes
+    nodes, shield_inits = _shield_4bit_quantizers(nodes, inits)
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.initializer[:]
-    graph.initializer.extend(inits)
+    graph.initializer.extend(inits + shield_inits)
     del graph.value_info[:]
     opsets = [o for o in traced.opset_import if o.domain not in (MARKER_DOMAIN, "")]
     del traced.opset_import[:]
@@ -362,6 +363,48 @@ def _expand(traced: onnx.ModelProto, layers: list[DeployedLayer], form: str) -> 
     model = onnx.shape_inference.infer_shapes(traced, check_type=True, strict_mode=True)
     onnx.checker.check_model(model, full_check=True)
     return model, weight_bytes, fused
+
+
+_FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
+
+
+def _shield_4bit_quantizers(
+    nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Write a Relu or Clip that feeds a 4-bit QuantizeLinear as Max/Min (same values).
+
+    onnxruntime (up to 1.31 at least) drops a Relu before QuantizeLinear(int4, 0) as if the
+    zero point were the type's minimum, and its QDQ selectors throw on Conv -> Clip ->
+    QuantizeLinear(int4/uint4) while checking whether the Clip is redundant.
+    """
+    types = {i.name: i.data_type for i in inits}
+    producer = {out: n for n in nodes for out in n.output}
+    targets = {
+        id(p) for n in nodes
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2 and types.get(n.input[2]) in _FOUR_BIT
+        and (p := producer.get(n.input[0])) is not None and p.op_type in ("Relu", "Clip")
+    }
+    out_nodes: list[onnx.NodeProto] = []
+    extra: list[onnx.TensorProto] = []
+    for n in nodes:
+        if id(n) not in targets:
+            out_nodes.append(n)
+            continue
+        x, y = n.input[0], n.output[0]
+        lo = n.input[1] if n.op_type == "Clip" and len(n.input) > 1 and n.input[1] else None
+        hi = n.input[2] if n.op_type == "Clip" and len(n.input) > 2 and n.input[2] else None
+        if n.op_type == "Relu":
+            lo = f"{y}_zero"
+            extra.append(_f32(0.0, lo))
+        steps = [("Max", lo), ("Min", hi)]
+        steps = [(op, bound) for op, bound in steps if bound is not None]
+        if not steps:
+            out_nodes.append(helper.make_node("Identity", [x], [y], name=y))
+        for k, (op, bound) in enumerate(steps):
+            out = y if k == len(steps) - 1 else f"{y}_{op.lower()}"
+            out_nodes.append(helper.make_node(op, [x, bound], [out], name=out))
+            x = out
+    return out_nodes, extra
 
 
 def build_onnx(
