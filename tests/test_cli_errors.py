@@ -17,7 +17,7 @@ CASES = [
     (["search.weight_bits=[0,4]"], "search.weight_bits=[0, 4] contains [0]; allowed bit-widths are integers 1..8"),
     (["search.act_bits=[4,9]"], "search.act_bits=[4, 9] contains [9]; allowed bit-widths are integers 1..8"),
     (["search.weight_bits=[]"], "search.weight_bits is empty"),
-    (["budget.weight_compression=100"], "weight_bytes budget 291.6 bytes (packed) cannot be met"),
+    (["budget.weight_compression=100"], "weight_bytes budget 288.64 bytes (packed) cannot be met"),
     (["model.pretrained=/nonexistent/weights.th"], "/nonexistent/weights.th"),
     (["search.mode=soft"], "search.mode='soft'; allowed: expected, mixture, hard"),
     (["logger.kind=tensorboard"], "logger.kind='tensorboard'; allowed: wandb, csv, none"),

@@ -36,13 +36,15 @@ def fix(qmodel, conv_w, fc_w, conv_a=8, fc_a=8):
 def test_packed_and_container_bytes_by_hand(qmodel):
     fix(qmodel, conv_w=3, fc_w=4)
     packed = size.exact_weight_bytes(qmodel, "packed")
-    # conv: ceil(216 * 3 / 8) = 81 bytes + 8 scale exponents; fc: 32 * 4 / 8 = 16 + 4 exps + 4 * 4 bias
-    assert packed == {"conv": 81 + 8, "fc": 16 + 4 + 16}
-    container = size.exact_weight_bytes(qmodel, "container")
-    # 3 bits are stored as int4: 108 bytes + 8 float32 scales; fc int4 16 + 4 * 4 + 16
-    assert container == {"conv": 108 + 32, "fc": 16 + 16 + 16}
-    assert size.float_weight_bytes(qmodel) == 4 * 216 + 4 * 36
-    assert size.min_weight_bytes(qmodel) == (54 + 8) + (8 + 4 + 16)
+    # conv: ceil(216 * 3 / 8) = 81 bytes; fc: 32 * 4 / 8 = 16
+    assert packed == {"conv": 81, "fc": 16}
+    # 3 bits are stored as int4: 108 bytes; fc int4: 16
+    assert size.exact_weight_bytes(qmodel, "container") == {"conv": 108, "fc": 16}
+    # scales: 8 + 4 int8 exponents (packed) or float32 (container); fc bias 4 * 4
+    assert size.overhead_bytes(qmodel, "packed") == 12 + 16
+    assert size.overhead_bytes(qmodel, "container") == 48 + 16
+    assert size.float_weight_bytes(qmodel) == 4 * 216 + 4 * 32
+    assert size.min_weight_bytes(qmodel) == 54 + 8
 
 
 def test_expected_bytes_equal_exact_at_one_hot_and_have_gradient(qmodel):

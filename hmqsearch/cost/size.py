@@ -1,15 +1,17 @@
 """Exact and expected weight memory of a prepared model.
 
-Two accountings (DESIGN.md "Export"):
+Weight bytes are the bytes of the weight tensors themselves, as compression papers count
+them (so 2-bit weights are exactly 16x smaller than float32).  Two accountings:
 
-* **packed**: every weight at its bit-width, densely packed (ceil(n * b / 8) bytes per layer),
-  one int8 exponent per power-of-two scale, biases as 32-bit values.  This is what the packed
-  checkpoint stores and what budgets apply to by default.
-* **container**: what the ONNX graph stores: int8 for 5-8 bits, int4 (two per byte) for 1-4
-  bits, float32 scales, 32-bit biases.
+* **packed**: every weight at its bit-width, densely packed: ceil(n * b / 8) bytes per layer.
+  Budgets apply to these by default.
+* **container**: what the ONNX graph stores: int8 for 5-8 bits, int4 (two per byte) for 1-4.
 
-A layer whose weights are pinned to float counts 4 bytes per weight in both.
-The float32 reference (for ``budget.weight_compression``) is 4 bytes per weight and bias.
+A layer whose weights are pinned to float counts 4 bytes per weight in both.  The per-layer
+overhead that both the packed checkpoint and the graph also store (one scale per output
+channel: an int8 exponent packed, float32 in ONNX; 32-bit biases) is reported separately by
+:func:`overhead_bytes`.  The float32 reference for ``budget.weight_compression`` is 4 bytes
+per weight.
 """
 
 from __future__ import annotations
@@ -39,14 +41,20 @@ def container_bits(bits: int) -> int:
 
 
 def layer_weight_bytes(layer: QuantConv2d | QuantLinear, bits: int | None, basis: str = "packed") -> int:
-    """Exact bytes of one layer's weights at ``bits`` (None = float32)."""
+    """Exact bytes of one layer's weight tensor at ``bits`` (None = float32)."""
     n = layer.weight.numel()
     if bits is None:
-        return FLOAT_BYTES * n + _bias_bytes(layer)
-    scales = layer.wq.base_exp.numel()
-    if basis == "packed":
-        return math.ceil(n * bits / 8) + SCALE_EXP_BYTES * scales + _bias_bytes(layer)
-    return math.ceil(n * container_bits(bits) / 8) + SCALE_FLOAT_BYTES * scales + _bias_bytes(layer)
+        return FLOAT_BYTES * n
+    return math.ceil(n * (bits if basis == "packed" else container_bits(bits)) / 8)
+
+
+def overhead_bytes(qmodel: QuantModel, basis: str = "packed") -> int:
+    """Scales and biases of the quantized layers (stored beside the weights, not budgeted)."""
+    scale_bytes = SCALE_EXP_BYTES if basis == "packed" else SCALE_FLOAT_BYTES
+    return sum(
+        (0 if layer.wq.float_pinned else scale_bytes * layer.wq.base_exp.numel()) + _bias_bytes(layer)
+        for _, layer in qmodel.layers()
+    )
 
 
 def weight_bits(layer: QuantConv2d | QuantLinear) -> int | None:
@@ -69,8 +77,7 @@ def expected_weight_bytes(qmodel: QuantModel, basis: str = "packed") -> Tensor:
             continue
         per_bit = bits.new_tensor([layer_weight_bytes(layer, int(b), basis) for b in bits.tolist()])
         if basis == "packed":  # drop the ceil so the expectation is linear in E[bits]
-            n = layer.weight.numel()
-            per_bit = per_bit - torch.ceil(n * bits / 8) + n * bits / 8
+            per_bit = layer.weight.numel() * bits / 8
         terms.append((layer.wq.bit_probs() * per_bit).sum())
     return torch.stack(terms).sum()
 
@@ -84,5 +91,5 @@ def min_weight_bytes(qmodel: QuantModel, basis: str = "packed") -> int:
 
 
 def float_weight_bytes(qmodel: QuantModel) -> int:
-    """float32 bytes of the quantized layers' weights and biases: the compression reference."""
+    """float32 bytes of the quantized layers' weights: the compression reference."""
     return sum(layer_weight_bytes(layer, None) for _, layer in qmodel.layers())
