@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from hmqsearch.cost.size import exact_weight_bytes
+from hmqsearch.cost.size import exact_weight_bytes, overhead_bytes
 from hmqsearch.errors import UserError
 from hmqsearch.export.deployed import QScheme
 from hmqsearch.export.intpack import pack, packed_size, unpack
@@ -103,7 +103,8 @@ def test_packed_checkpoint_reloads_exactly(tmp_path, case):
 
     tensors = load_file(str(st_path))
     layer_bytes = sum(v.nbytes for k, v in tensors.items() if not k.startswith("extra/"))
-    assert layer_bytes == sum(expected.values())  # exactly weights + int8 exponents + biases
+    # exactly the packed weights + int8 exponents + biases
+    assert layer_bytes == sum(expected.values()) + overhead_bytes(qmodel, "packed") == meta["packed_bytes"] + meta["overhead_bytes"]
     assert (meta["extra_bytes"] > 0) == (not spec.fold_bn)
 
     loaded = load_packed(st_path)

@@ -10,8 +10,8 @@
   weights are pinned to float;
 * ``extra/<key>``: any other state of the network (e.g. a batch norm that could not be folded).
 
-The weight, exponent and bias bytes are exactly :func:`hmqsearch.cost.size.exact_weight_bytes`
-on the "packed" basis.  ``<base>.json`` holds the architecture (a Hydra ``_target_`` and its
+The weight-tensor bytes are exactly :func:`hmqsearch.cost.size.exact_weight_bytes` on the
+"packed" basis, and the exponent and bias bytes exactly :func:`hmqsearch.cost.size.overhead_bytes`.  ``<base>.json`` holds the architecture (a Hydra ``_target_`` and its
 arguments), the QuantSpec, the input shape, the per-layer schemes (as in precision.yaml) and
 the sha256 of the tensor file, so :func:`load_packed` needs nothing else.
 """
@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from hmqsearch.cost.size import exact_weight_bytes
+from hmqsearch.cost.size import exact_weight_bytes, overhead_bytes
 from hmqsearch.errors import UserError
 from hmqsearch.export.deployed import QScheme, dequantize_codes, deployed_layers
 from hmqsearch.export.intpack import pack, packed_size, unpack
@@ -50,9 +50,11 @@ def packed_paths(path: str | Path) -> tuple[Path, Path]:
     return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
 
 
-def _layer_tensors(qmodel: QuantModel) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def _layer_tensors(qmodel: QuantModel) -> tuple[dict[str, np.ndarray], dict[str, int], int]:
+    """Tensors to store, per-layer weight-tensor bytes, and the scale + bias (overhead) bytes."""
     tensors: dict[str, np.ndarray] = {}
     per_layer: dict[str, int] = {}
+    overhead = 0
     for d in deployed_layers(qmodel):
         mine: dict[str, np.ndarray] = {}
         if d.wscheme is None or d.codes is None:
@@ -65,9 +67,11 @@ def _layer_tensors(qmodel: QuantModel) -> tuple[dict[str, np.ndarray], dict[str,
             mine[f"{d.name}.weight_exp"] = exps.astype(np.int8)
         if d.bias is not None:
             mine[f"{d.name}.bias"] = d.bias.astype(np.float32)
-        per_layer[d.name] = sum(t.nbytes for t in mine.values())
+        weight_keys = (f"{d.name}.weight", f"{d.name}.weight_packed")
+        per_layer[d.name] = sum(t.nbytes for k, t in mine.items() if k in weight_keys)
+        overhead += sum(t.nbytes for k, t in mine.items() if k not in weight_keys)
         tensors.update(mine)
-    return tensors, per_layer
+    return tensors, per_layer, overhead
 
 
 def _extra_state(qmodel: QuantModel) -> dict[str, np.ndarray]:
@@ -96,11 +100,14 @@ def save_packed(
     if "_target_" not in arch:
         raise UserError(f"architecture {arch!r} has no _target_; pass the model's Hydra config (model.net)")
     st_path, json_path = packed_paths(path)
-    tensors, per_layer = _layer_tensors(qmodel)
+    tensors, per_layer, overhead = _layer_tensors(qmodel)
     packed_bytes = sum(per_layer.values())
     expected = sum(exact_weight_bytes(qmodel, "packed").values())
-    if packed_bytes != expected:  # a bug, not a user mistake
-        raise AssertionError(f"packed checkpoint holds {packed_bytes} weight bytes, the size model says {expected}")
+    if packed_bytes != expected or overhead != overhead_bytes(qmodel, "packed"):  # a bug, not a user mistake
+        raise AssertionError(
+            f"packed checkpoint holds {packed_bytes} weight + {overhead} scale/bias bytes, the size model says "
+            f"{expected} + {overhead_bytes(qmodel, 'packed')}"
+        )
     extra = _extra_state(qmodel)
     blob = st_save({**tensors, **extra}, metadata={"format": FORMAT, "metadata": json_path.name})
     atomic_write(st_path, lambda p: p.write_bytes(blob))
@@ -115,6 +122,7 @@ def save_packed(
         "layers": assignment(qmodel),
         "packed_bytes": packed_bytes,
         "per_layer_packed_bytes": per_layer,
+        "overhead_bytes": overhead,
         "extra_bytes": sum(v.nbytes for v in extra.values()),
         "file_bytes": len(blob),
         "sha256": hashlib.sha256(blob).hexdigest(),
