@@ -97,6 +97,7 @@ def _export_cfg(args: argparse.Namespace, base: dict[str, Any] | None = None) ->
     cfg = dict(base or {})
     for key, value in (
         ("form", args.form), ("tolerance_agreement", args.tolerance), ("verify_samples", args.samples),
+        ("tolerance_runtime_agreement", args.runtime_tolerance),
         ("latency_batch", args.batch), ("latency_threads", args.threads),
     ):
         if value is not None:
@@ -153,7 +154,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         loader = random_loader(tuple(meta["input_shape"]), samples)
     tolerance = args.tolerance if args.tolerance is not None else DEFAULTS["tolerance_agreement"]
-    result = verify_onnx(args.onnx, qmodel, loader, tolerance, samples)
+    runtime = args.runtime_tolerance if args.runtime_tolerance is not None else DEFAULTS["tolerance_runtime_agreement"]
+    result = verify_onnx(args.onnx, qmodel, loader, tolerance, samples, runtime)
     return 0 if result["passed"] else 1
 
 
@@ -197,7 +199,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------- parsing
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tolerance", type=float, help="minimum top-1 agreement in percent (export.tolerance_agreement, default 97)")
+    p.add_argument("--tolerance", type=float, help="minimum top-1 agreement of the graph in percent (export.tolerance_agreement, default 99)")
+    p.add_argument("--runtime-tolerance", type=float, help="the same for onnxruntime's integer kernels (export.tolerance_runtime_agreement, default 90)")
     p.add_argument("--samples", type=int, help="samples to verify on (export.verify_samples)")
 
 

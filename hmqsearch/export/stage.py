@@ -5,8 +5,10 @@ final.  Its ``cfg_export`` keys, all optional (defaults in :data:`DEFAULTS`):
 
 * ``form``: ``onnxruntime`` (tuned for onnxruntime's integer kernels) or ``portable``
   (DequantizeLinear on every integer weight), see :mod:`hmqsearch.export.onnx_export`;
-* ``tolerance_agreement``: minimum top-1 agreement (percent) between the graph and PyTorch;
-  below it the graph is renamed ``model.FAILED-verification.onnx`` and a
+* ``tolerance_agreement``: minimum top-1 agreement (percent) between the graph (run without
+  graph optimizations) and PyTorch, ``tolerance_runtime_agreement``: the same for onnxruntime
+  with its integer kernels (see :mod:`hmqsearch.export.verify`); below either, the graph is
+  renamed ``model.FAILED-verification.onnx`` and a
   :class:`~hmqsearch.export.verify.VerificationError` (a UserError) is raised;
 * ``verify_samples``: how many samples of ``loader`` the verification uses;
 * ``latency_batch``, ``latency_warmup``, ``latency_repeats``, ``latency_threads``: the whole-graph
@@ -35,7 +37,8 @@ PACKED_BASE = "model.packed"
 
 DEFAULTS: dict[str, Any] = {
     "form": "onnxruntime",
-    "tolerance_agreement": 97.0,
+    "tolerance_agreement": 99.0,
+    "tolerance_runtime_agreement": 90.0,
     "verify_samples": 1000,
     "latency_batch": 1,
     "latency_warmup": 5,
@@ -53,8 +56,9 @@ def export_config(cfg_export: Mapping[str, Any] | None) -> dict[str, Any]:
         raise UserError(f"unknown export options {unknown}; allowed: {', '.join(DEFAULTS)}")
     if cfg["form"] not in FORMS:
         raise UserError(f"export.form={cfg['form']!r}; allowed: {', '.join(FORMS)}")
-    if not 0.0 <= float(cfg["tolerance_agreement"]) <= 100.0:
-        raise UserError(f"export.tolerance_agreement={cfg['tolerance_agreement']!r}; allowed: a percentage 0..100")
+    for key in ("tolerance_agreement", "tolerance_runtime_agreement"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float)) or not 0.0 <= cfg[key] <= 100.0:
+            raise UserError(f"export.{key}={cfg[key]!r}; allowed: a percentage 0..100")
     for key in ("verify_samples", "latency_batch", "latency_repeats"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise UserError(f"export.{key}={cfg[key]!r}; allowed: an integer >= 1")
@@ -89,7 +93,9 @@ def export_run(
 
     onnx_path = run_dir / ONNX_NAME
     info = export_onnx(qmodel, onnx_path, example, form=cfg["form"])
-    check = verify_onnx(onnx_path, qmodel, loader, cfg["tolerance_agreement"], cfg["verify_samples"])
+    check = verify_onnx(
+        onnx_path, qmodel, loader, cfg["tolerance_agreement"], cfg["verify_samples"], cfg["tolerance_runtime_agreement"]
+    )
     if not check["passed"]:
         fail_export(onnx_path, check)
 

@@ -3,8 +3,11 @@
 Two onnxruntime sessions run the graph: ``reference`` with graph optimizations off (the
 graph's own semantics, which must reproduce the PyTorch fixed-state model up to float32
 accumulation order) and ``runtime`` with every optimization on (what a deployment runs:
-integer kernels, which round the float bias to int32).  The export passes when both agree
-with PyTorch on at least ``min_agreement`` percent of the samples' top-1 predictions.
+integer kernels, which round the float bias to int32; the one-step differences this causes
+now and then propagate through the following layers, so the runtime agreement can be a few
+percent lower on a model with small logit margins).  The export passes when the reference
+agrees with PyTorch on at least ``min_agreement`` percent of the top-1 predictions and the
+runtime on at least ``min_runtime_agreement`` percent.
 """
 
 from __future__ import annotations
@@ -73,14 +76,15 @@ def verify_onnx(
     loader: Iterable[Any],
     min_agreement: float = 99.0,
     max_samples: int | None = 1000,
+    min_runtime_agreement: float = 90.0,
 ) -> dict[str, Any]:
     """Compare the graph's logits with ``model``'s (a fixed-state QuantModel) on ``loader``.
 
     ``loader`` yields ``(inputs, labels)`` or bare inputs.  Returns agreement (% of samples
     with the same top-1), max / mean absolute logit difference, onnx and torch top-1 accuracy
     (None without labels) and the sample count, for the runtime session and, prefixed
-    ``reference_``, for the unoptimized one; ``passed`` says whether both agreements reach
-    ``min_agreement``.  Prints one line per session.
+    ``reference_``, for the unoptimized one; ``passed`` says whether the agreements reach
+    their thresholds.  Prints one line per session.
     """
     was_training = model.training
     model.eval()
@@ -112,7 +116,7 @@ def verify_onnx(
         model.train(was_training)
     if n == 0:
         raise UserError(f"no samples to verify {onnx_path} on: the data loader is empty")
-    result: dict[str, Any] = {"samples": n, "min_agreement": min_agreement}
+    result: dict[str, Any] = {"samples": n, "min_agreement": min_agreement, "min_runtime_agreement": min_runtime_agreement}
     for key, prefix in (("runtime", ""), ("reference", "reference_")):
         s = stats[key]
         result[f"{prefix}agreement"] = 100.0 * s["agree"] / n
@@ -120,7 +124,9 @@ def verify_onnx(
         result[f"{prefix}mean_abs_logit_diff"] = s["sum"] / elements
         result[f"{prefix}onnx_top1"] = 100.0 * s["correct"] / n if labelled else None
     result["torch_top1"] = 100.0 * torch_correct / n if labelled else None
-    result["passed"] = min(result["agreement"], result["reference_agreement"]) >= min_agreement
+    result["passed"] = (
+        result["reference_agreement"] >= min_agreement and result["agreement"] >= min_runtime_agreement
+    )
     _print(Path(onnx_path), result)
     return result
 
@@ -135,7 +141,9 @@ def _run(sess: ort.InferenceSession, feed: dict[str, np.ndarray], path: str | Pa
 
 def _print(path: Path, r: dict[str, Any]) -> None:
     top1 = lambda v: "-" if v is None else f"{v:.2f}%"  # noqa: E731
-    verdict = "ok" if r["passed"] else f"FAILED (needs >= {r['min_agreement']:.2f}% agreement)"
+    verdict = "ok" if r["passed"] else (
+        f"FAILED (needs >= {r['min_agreement']:.2f}% reference and >= {r['min_runtime_agreement']:.2f}% runtime agreement)"
+    )
     print(f"verify {path.name} on {r['samples']} samples: {verdict}")
     for label, prefix in (("runtime  ", ""), ("reference", "reference_")):
         print(
@@ -151,9 +159,10 @@ def fail_export(onnx_path: str | Path, result: dict[str, Any]) -> Path:
     failed = path.with_name(path.name.removesuffix(".onnx") + FAILED_SUFFIX)
     path.replace(failed)
     raise VerificationError(
-        f"exported graph disagrees with the PyTorch model: top-1 agreement {result['agreement']:.2f}% "
-        f"(reference {result['reference_agreement']:.2f}%) on {result['samples']} samples, below "
-        f"export.tolerance_agreement={result['min_agreement']}; kept as {failed} for inspection"
+        f"exported graph disagrees with the PyTorch model on {result['samples']} samples: top-1 agreement "
+        f"{result['reference_agreement']:.2f}% as a graph (export.tolerance_agreement={result['min_agreement']}), "
+        f"{result['agreement']:.2f}% with onnxruntime's integer kernels "
+        f"(export.tolerance_runtime_agreement={result['min_runtime_agreement']}); kept as {failed} for inspection"
     )
 
 
