@@ -141,7 +141,7 @@ def test_graph_is_valid_and_agrees_with_pytorch(tmp_path, int8_model, mixed_mode
 
 def test_quantized_values_are_bit_identical(tmp_path, mixed_model):
     """Every weight DequantizeLinear and every activation QuantizeLinear equals PyTorch exactly."""
-    model, _, _ = build_onnx(mixed_model, torch.zeros(1, *SHAPE), form="portable")
+    model = build_onnx(mixed_model, torch.zeros(1, *SHAPE), form="portable").model
     wanted = {}
     for name, layer in mixed_model.layers():
         if not layer.wq.float_pinned:
@@ -166,7 +166,8 @@ def test_quantized_values_are_bit_identical(tmp_path, mixed_model):
 
 
 def test_containers_zero_points_and_float_pins(mixed_model):
-    model, weight_bytes, _ = build_onnx(mixed_model, torch.zeros(1, *SHAPE), form="portable")
+    built = build_onnx(mixed_model, torch.zeros(1, *SHAPE), form="portable")
+    model = built.model
     inits = {i.name: i for i in model.graph.initializer}
     dtype = lambda n: inits[n].data_type  # noqa: E731
     assert dtype("stem.0.weight_quantized") == TensorProto.INT8
@@ -188,9 +189,10 @@ def test_containers_zero_points_and_float_pins(mixed_model):
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("Clip") >= 1  # 6-bit activations of project.0 inside an int8
     assert "head.input_quantized" not in {o for n in model.graph.node for o in n.output}
-    # integer weights at their container width, plus float32 scales and biases
-    container = sum(exact_weight_bytes(mixed_model, "container").values()) + overhead_bytes(mixed_model, "container")
-    assert abs(weight_bytes - container) <= 0.1 * container
+    # integer weights at their container width; float32 scales and biases beside them
+    container = sum(exact_weight_bytes(mixed_model, "container").values())
+    assert abs(built.weight_bytes - container) <= 0.1 * container
+    assert built.overhead_bytes == overhead_bytes(mixed_model, "container")
 
 
 def test_onnxruntime_runs_the_predicted_integer_kernels(tmp_path, int8_model):

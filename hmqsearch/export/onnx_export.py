@@ -101,12 +101,17 @@ class Subgraph:
 
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[onnx.TensorProto] = field(default_factory=list)
-    weight_bytes: int = 0  # weights + scales + biases, as stored
+    weight_bytes: int = 0  # weight tensors as stored (integer containers, or float32)
+    overhead_bytes: int = 0  # their float32 scales and the biases
 
-    def init(self, tensor: onnx.TensorProto, counted: bool = False) -> str:
+    def init(self, tensor: onnx.TensorProto, counts_as: str | None = None) -> str:
+        """Add an initializer; ``counts_as`` "weight" or "overhead" adds its bytes to that count."""
         self.initializers.append(tensor)
-        if counted:
-            self.weight_bytes += len(tensor.raw_data) or numpy_helper.to_array(tensor).nbytes
+        size = len(tensor.raw_data) or numpy_helper.to_array(tensor).nbytes
+        if counts_as == "weight":
+            self.weight_bytes += size
+        elif counts_as == "overhead":
+            self.overhead_bytes += size
         return tensor.name
 
     def node(self, op: str, inputs: list[str], output: str, **attrs: object) -> str:
@@ -132,16 +137,16 @@ def _weight(sub: Subgraph, layer: DeployedLayer, form: str, fused: bool) -> str:
     """The layer's float weight tensor as computed from its integer initializer."""
     name, scheme = layer.name, layer.wscheme
     if scheme is None or layer.codes is None:
-        return sub.init(_f32(layer.weight, f"{name}.weight"), counted=True)
-    w = sub.init(int_initializer(f"{name}.weight_quantized", layer.codes, scheme), counted=True)
+        return sub.init(_f32(layer.weight, f"{name}.weight"), "weight")
+    w = sub.init(int_initializer(f"{name}.weight_quantized", layer.codes, scheme), "weight")
     steps = scheme.steps
     per_channel = steps.size > 1
     if form == "onnxruntime" and not fused:  # folded by onnxruntime into a float weight
         shape = (-1,) + (1,) * (layer.codes.ndim - 1) if per_channel else ()
-        scale = sub.init(_f32(steps.reshape(shape), f"{name}.weight_scale"), counted=True)
+        scale = sub.init(_f32(steps.reshape(shape), f"{name}.weight_scale"), "overhead")
         wf = sub.node("Cast", [w], f"{name}.weight_float", to=TensorProto.FLOAT)
         return sub.node("Mul", [wf, scale], f"{name}.weight_dequantized")
-    scale = sub.init(_f32(steps if per_channel else steps[0], f"{name}.weight_scale"), counted=True)
+    scale = sub.init(_f32(steps if per_channel else steps[0], f"{name}.weight_scale"), "overhead")
     if form == "onnxruntime" and scheme.container_bits == 4:  # int4 codes widened for QLinearConv
         scheme = QScheme(8, scheme.signed, scheme.threshold_exp)
         w = sub.node("Cast", [w], f"{name}.weight_int8", to=container_type(scheme))
@@ -163,7 +168,7 @@ def layer_subgraph(
     w = _weight(sub, layer, form, fused)
     inputs = [x, w]
     if layer.bias is not None:
-        inputs.append(sub.init(_f32(layer.bias, f"{name}.bias"), counted=True))
+        inputs.append(sub.init(_f32(layer.bias, f"{name}.bias"), "overhead"))
     if layer.kind == "conv":
         sub.nodes.append(helper.make_node(
             "Conv", inputs, [y], name=f"{name}.conv", kernel_shape=list(layer.weight.shape[2:]),
@@ -318,24 +323,35 @@ def _integer_kernel_possible(layer: DeployedLayer) -> bool:
 
 # ---------------------------------------------------------------- assembly
 @dataclass
+class BuiltGraph:
+    """A checked deployment graph and what its quantized layers store."""
+
+    model: onnx.ModelProto
+    weight_bytes: int  # weight initializers (= size.exact_weight_bytes on the container basis)
+    overhead_bytes: int  # float32 weight scales and biases (= size.overhead_bytes, container)
+    integer_kernel_layers: list[str]  # layers onnxruntime can run as QLinearConv
+
+
+@dataclass
 class ExportInfo:
     """What :func:`export_onnx` wrote."""
 
     path: Path
     onnx_bytes: int
-    weight_bytes: int  # weight + scale + bias initializers of the quantized layers
-    integer_kernel_layers: list[str]  # layers onnxruntime can run as QLinearConv
+    weight_bytes: int
+    overhead_bytes: int
+    integer_kernel_layers: list[str]
     form: str
 
 
-def _expand(traced: onnx.ModelProto, layers: list[DeployedLayer], form: str) -> tuple[onnx.ModelProto, int, set[int]]:
+def _expand(traced: onnx.ModelProto, layers: list[DeployedLayer], form: str) -> BuiltGraph:
     fused = set(fusable_layers(traced, layers))
     if form == "portable":  # no int4 convolution kernel in onnxruntime
         fused = {i for i in fused if layers[i].wscheme is not None and layers[i].wscheme.container_bits == 8}
     graph = traced.graph
     nodes: list[onnx.NodeProto] = []
     inits = list(graph.initializer)
-    weight_bytes = 0
+    weight_bytes = overhead_bytes = 0
     seen: set[int] = set()
     for node in graph.node:
         index = _marker_index(node)
@@ -350,6 +366,7 @@ def _expand(traced: onnx.ModelProto, layers: list[DeployedLayer], form: str) -> 
         nodes += sub.nodes
         inits += sub.initializers
         weight_bytes += sub.weight_bytes
+        overhead_bytes += sub.overhead_bytes
     nodes, shield_inits = _shield_4bit_quantizers(nodes, inits)
     del graph.node[:]
     graph.node.extend(nodes)
@@ -362,7 +379,7 @@ def _expand(traced: onnx.ModelProto, layers: list[DeployedLayer], form: str) -> 
     traced.ir_version = IR_VERSION
     model = onnx.shape_inference.infer_shapes(traced, check_type=True, strict_mode=True)
     onnx.checker.check_model(model, full_check=True)
-    return model, weight_bytes, fused
+    return BuiltGraph(model, weight_bytes, overhead_bytes, [layers[i].name for i in sorted(fused)])
 
 
 _FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
@@ -407,10 +424,8 @@ def _shield_4bit_quantizers(
     return out_nodes, extra
 
 
-def build_onnx(
-    qmodel: QuantModel, example: Tensor, form: str = "onnxruntime", as_float: bool = False
-) -> tuple[onnx.ModelProto, int, list[str]]:
-    """The checked opset-21 model, the bytes of its layer weights/scales/biases, the fusable layers.
+def build_onnx(qmodel: QuantModel, example: Tensor, form: str = "onnxruntime", as_float: bool = False) -> BuiltGraph:
+    """The checked opset-21 deployment graph of ``qmodel``'s argmax assignment.
 
     ``as_float``: the same network with every layer in float32 (the reference for speed-ups).
     """
@@ -420,8 +435,7 @@ def build_onnx(
     if as_float:
         layers = [d.at_bits(None, None) for d in layers]
     traced = trace_markers(qmodel, layers, example[:1].detach().cpu().float())
-    model, weight_bytes, fused = _expand(traced, layers, form)
-    return model, weight_bytes, [layers[i].name for i in sorted(fused)]
+    return _expand(traced, layers, form)
 
 
 def export_onnx(
@@ -431,11 +445,13 @@ def export_onnx(
 
     ``example``: an input batch (only its shape is used; the batch axis is dynamic).
     """
-    model, weight_bytes, fused = build_onnx(qmodel, example, form, as_float)
-    path = atomic_write(path, lambda p: onnx.save_model(model, str(p)))
-    info = ExportInfo(path, path.stat().st_size, weight_bytes, fused, form)
+    built = build_onnx(qmodel, example, form, as_float)
+    path = atomic_write(path, lambda p: onnx.save_model(built.model, str(p)))
+    info = ExportInfo(
+        path, path.stat().st_size, built.weight_bytes, built.overhead_bytes, built.integer_kernel_layers, form
+    )
     log.info(
         "exported %s (%d bytes; %d of %d layers run as integer kernels in onnxruntime)",
-        path, info.onnx_bytes, len(fused), len(qmodel.layer_names),
+        path, info.onnx_bytes, len(info.integer_kernel_layers), len(qmodel.layer_names),
     )
     return info

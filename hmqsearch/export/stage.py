@@ -106,10 +106,12 @@ def export_run(
         "onnx_path": ONNX_NAME,
         "onnx_form": info.form,
         "onnx_bytes": info.onnx_bytes,
-        "onnx_weight_bytes": info.weight_bytes,
+        "onnx_weight_bytes": info.weight_bytes,  # integer weight initializers, = weight_bytes_container
+        "onnx_overhead_bytes": info.overhead_bytes,  # their float32 scales + biases
         "integer_kernel_layers": info.integer_kernel_layers,
         "packed_path": packed_paths(run_dir / PACKED_BASE)[0].name,
-        "packed_bytes": meta["packed_bytes"],
+        "packed_bytes": meta["packed_bytes"],  # weight tensors, = summary's weight_bytes_packed
+        "packed_overhead_bytes": meta["overhead_bytes"],  # int8 scale exponents + biases
         "packed_file_bytes": meta["file_bytes"],
         "verify": {k: v for k, v in check.items() if k != "passed"},
         "measured_latency_ms": latency,
