@@ -1,9 +1,9 @@
-"""onnxruntime latency of CIFAR ResNet-20 deployment graphs: float32, all-int8 and mixed.
+"""onnxruntime latency of CIFAR deployment graphs: float32, all-int8 and mixed precision.
 
-    python benchmarks/export_latency.py [--threads 1] [--rounds 5] [--repeats 10]
+    python benchmarks/export_latency.py [--model resnet20|mobilenetv2] [--threads 1] [--rounds 5]
 
-Uses the pretrained weights and the CIFAR-10 test set from ../shared/data when present
-(random weights and inputs otherwise; timing does not depend on them).  Every graph is timed
+Uses the CIFAR-10 test set and (ResNet-20) the pretrained weights from ../shared/data when
+present (random weights and inputs otherwise; timing does not depend on them).  Every graph is timed
 at batch 1 and 64 in interleaved rounds (the median of all runs is kept), so load from other
 processes affects all graphs alike.  It also reports how many layers onnxruntime runs as
 integer kernels (QLinearConv) and, with data, the graphs' top-1 and agreement with PyTorch.
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hmqsearch.export.onnx_export import export_onnx  # noqa: E402
+from hmqsearch.models.mobilenetv2_cifar import mobilenetv2_cifar  # noqa: E402
 from hmqsearch.models.pretrained import load_pretrained  # noqa: E402
 from hmqsearch.models.resnet_cifar import resnet20  # noqa: E402
 from hmqsearch.quant.calibrate import calibrate_activations  # noqa: E402
@@ -49,7 +50,7 @@ def cifar_test(n: int) -> tuple[torch.Tensor, np.ndarray] | None:
 
 
 def quantized(net: torch.nn.Module, calib: torch.Tensor, bits: dict[str, tuple[int, int]]) -> QuantModel:
-    """ResNet-20 with ``bits[layer] = (weight, input)`` (default 8/8), widest-but-one thresholds."""
+    """``net`` with ``bits[layer] = (weight, input)`` (default 8/8), widest-but-one weight thresholds."""
     qmodel = prepare(net, QuantSpec(weight_bits=[4, 8], act_bits=[4, 8], first_layer_act_bits=None), calib[:8])
     calibrate_activations(qmodel, [calib])
     for name, layer in qmodel.layers():
@@ -61,11 +62,14 @@ def quantized(net: torch.nn.Module, calib: torch.Tensor, bits: dict[str, tuple[i
 
 
 def mixed_bits(qmodel: QuantModel) -> dict[str, tuple[int, int]]:
-    """4-bit weights in stages 2 and 3, 4-bit inputs to the last stage's second convs."""
+    """4-bit weights in the second half of the layers, 4-bit inputs to every third layer of the
+    last third (the first and the last layer stay at 8 bits)."""
+    names = [name for name, _ in qmodel.layers()]
+    n = len(names)
     bits = {}
-    for name, _ in qmodel.layers():
-        wb = 4 if name.startswith(("layer2", "layer3")) else 8
-        ab = 4 if name.startswith("layer3") and name.endswith("conv2") else 8
+    for i, name in enumerate(names):
+        wb = 4 if n // 2 <= i < n - 1 else 8
+        ab = 4 if 2 * n // 3 <= i < n - 1 and i % 3 == 0 else 8
         bits[name] = (wb, ab)
     return bits
 
@@ -81,6 +85,7 @@ def session(path: Path, threads: int, optimized_path: Path | None = None) -> ort
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["resnet20", "mobilenetv2"], default="resnet20")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (0 = all cores)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per graph, batch and round")
@@ -88,13 +93,13 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    net = resnet20()
-    real = WEIGHTS.is_file()
+    net = resnet20() if args.model == "resnet20" else mobilenetv2_cifar()
+    real = args.model == "resnet20" and WEIGHTS.is_file()
     if real:
         load_pretrained(net, str(WEIGHTS))
     data = cifar_test(args.samples)
     calib = data[0][:256] if data is not None else torch.randn(256, 3, 32, 32)
-    print(f"ResNet-20, {'pretrained' if real else 'random'} weights, calibration on "
+    print(f"{args.model}, {'pretrained' if real else 'random'} weights, calibration on "
           f"{'CIFAR-10 test images' if data is not None else 'random inputs'}; onnxruntime {ort.__version__}, "
           f"{args.threads} thread(s)")
 
