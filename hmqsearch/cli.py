@@ -31,68 +31,6 @@ examples:
 
 
 # ------------------------------------------------------------------------------- helpers
-def _run_config(run_dir: Path) -> tuple[dict[str, Any], Any]:
-    """A run's precision.yaml and the resolved config recorded in it (a DictConfig)."""
-    from omegaconf import OmegaConf
-
-    from hmqsearch.export.precision import read_precision
-
-    precision = read_precision(run_dir / "precision.yaml")
-    if not isinstance(precision.get("config"), dict):
-        raise UserError(f"{run_dir / 'precision.yaml'} has no 'config' section; it was not written by a hmqsearch run")
-    return precision, OmegaConf.create(precision["config"])
-
-
-def _test_loader(cfg: Any) -> Any:
-    """The test loader of the data set a run's config names."""
-    from hydra.utils import instantiate
-
-    try:
-        datamodule = instantiate(cfg.data)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a config that no longer builds
-        raise UserError(f"cannot build the run's data module {cfg.data.get('_target_')}: {exc}") from exc
-    datamodule.setup("fit")
-    return datamodule.test_dataloader()
-
-
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"quantized state {path} does not exist; is this the run directory of a finished run?")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise UserError(f"quantized state {path} cannot be read (corrupt or truncated?): {str(exc).splitlines()[0]}") from exc
-    if not isinstance(state, dict):
-        raise UserError(f"quantized state {path} holds no state_dict")
-    return state
-
-
-def _from_run_dir(run_dir: Path) -> tuple[Any, Any, Any, Any]:
-    """(qmodel, loader, arch, spec) rebuilt from a run's precision.yaml + quantized_state.pt."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from hmqsearch.export.precision import apply_precision
-    from hmqsearch.export.verify import first_batch
-    from hmqsearch.pipeline import quant_spec
-    from hmqsearch.quant.prepare import prepare
-
-    precision, cfg = _run_config(run_dir)
-    spec = quant_spec(cfg)
-    net = instantiate(cfg.model.net)
-    loader = _test_loader(cfg)
-    qmodel = prepare(net, spec, first_batch(loader)[:8])
-    state = _load_state(run_dir / "quantized_state.pt")
-    try:
-        qmodel.load_state_dict(state)
-    except RuntimeError as exc:
-        raise UserError(f"{run_dir / 'quantized_state.pt'} does not fit the run's model: {str(exc).splitlines()[0]}") from exc
-    apply_precision(qmodel, precision, source=str(run_dir / "precision.yaml"))
-    return qmodel, loader, OmegaConf.to_container(cfg.model.net, resolve=True), spec
-
-
 def _export_cfg(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
     cfg = dict(base or {})
     for key, value in (
@@ -110,7 +48,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from hmqsearch.export.packed import load_packed, read_packed_meta
-    from hmqsearch.export.stage import export_run
+    from hmqsearch.export.stage import export_run, load_run
     from hmqsearch.export.verify import random_loader
     from hmqsearch.quant.prepare import Pin, QuantSpec
 
@@ -118,9 +56,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError("export needs exactly one of --run-dir (a finished run) or --packed (a packed checkpoint)")
     if args.run_dir is not None:
         run_dir = Path(args.run_dir)
-        qmodel, loader, arch, spec = _from_run_dir(run_dir)
-        _, cfg = _run_config(run_dir)
-        base = OmegaConf.to_container(cfg.export, resolve=True) if cfg.get("export") else {}
+        run = load_run(run_dir)
+        qmodel, loader, arch, spec = run.qmodel, run.loader, run.arch, run.spec
+        base = OmegaConf.to_container(run.cfg.export, resolve=True) if run.cfg.get("export") else {}
         out = Path(args.out) if args.out else run_dir
     else:
         meta = read_packed_meta(args.packed)
@@ -141,7 +79,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from hmqsearch.export.packed import load_packed, read_packed_meta
-    from hmqsearch.export.stage import DEFAULTS
+    from hmqsearch.export.stage import DEFAULTS, eval_loader, run_config
     from hmqsearch.export.verify import random_loader, session, verify_onnx
 
     session(args.onnx)  # a clear message for a missing or broken graph before anything else
@@ -149,8 +87,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     qmodel = load_packed(args.packed)
     samples = args.samples or (1000 if args.data_from else 256)
     if args.data_from is not None:
-        _, cfg = _run_config(Path(args.data_from))
-        loader = _test_loader(cfg)
+        _, cfg = run_config(Path(args.data_from))
+        loader = eval_loader(cfg)
     else:
         loader = random_loader(tuple(meta["input_shape"]), samples)
     tolerance = args.tolerance if args.tolerance is not None else DEFAULTS["tolerance_agreement"]

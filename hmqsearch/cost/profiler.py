@@ -30,7 +30,7 @@ from onnx import TensorProto, helper
 from hmqsearch.cost.latency import FLOAT_BITS, LatencyTable
 from hmqsearch.export.deployed import DeployedLayer, QScheme, deployed_layers
 from hmqsearch.export.onnx_export import (
-    IR_VERSION, OPSET, Subgraph, container_type, fusable_layers, layer_subgraph, trace_markers,
+    IR_VERSION, OPSET, container_type, fusable_layers, layer_subgraph, trace_markers,
 )
 from hmqsearch.export.verify import providers, session
 from hmqsearch.quant.prepare import QuantModel

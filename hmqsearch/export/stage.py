@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+import torch
 
 from hmqsearch.cost.profiler import device_name, measure_graph_latency
 from hmqsearch.errors import UserError
 from hmqsearch.export.onnx_export import FORMS, export_onnx
 from hmqsearch.export.packed import packed_paths, save_packed
+from hmqsearch.export.precision import apply_precision, read_precision
 from hmqsearch.export.verify import fail_export, first_batch, verify_onnx
 from hmqsearch.quant.prepare import QuantModel, QuantSpec
 
@@ -129,3 +133,78 @@ def export_run(
         onnx_path, info.onnx_bytes, info.weight_bytes, meta["packed_bytes"], latency, cfg["latency_batch"],
     )
     return {"export": figures}
+
+
+# --------------------------------------------------------- a finished run's artifacts
+def run_config(run_dir: Path) -> tuple[dict[str, Any], Any]:
+    """A run's precision.yaml and the resolved config recorded in it (a DictConfig)."""
+    from omegaconf import OmegaConf
+
+    precision = read_precision(Path(run_dir) / "precision.yaml")
+    if not isinstance(precision.get("config"), dict):
+        raise UserError(f"{Path(run_dir) / 'precision.yaml'} has no 'config' section; it was not written by a hmqsearch run")
+    return precision, OmegaConf.create(precision["config"])
+
+
+def eval_loader(cfg: Any) -> Any:
+    """The test-set loader of the data module a run's config names."""
+    from hydra.utils import instantiate
+
+    try:
+        datamodule = instantiate(cfg.data)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a config that no longer builds
+        raise UserError(f"cannot build the run's data module {cfg.data.get('_target_')}: {exc}") from exc
+    datamodule.setup("fit")
+    return datamodule.test_dataloader()
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"quantized state {path} does not exist; is this the run directory of a finished run?")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise UserError(f"quantized state {path} cannot be read (corrupt or truncated?): {str(exc).splitlines()[0]}") from exc
+    if not isinstance(state, dict):
+        raise UserError(f"quantized state {path} holds no state_dict")
+    return state
+
+
+@dataclass
+class LoadedRun:
+    """What the export stage needs, rebuilt from a finished run's directory."""
+
+    qmodel: QuantModel
+    loader: Any  # the run's test loader
+    arch: dict[str, Any]  # cfg.model.net as a plain dict
+    spec: QuantSpec
+    cfg: Any  # the run's resolved config (DictConfig)
+
+
+def load_run(run_dir: Path) -> LoadedRun:
+    """Rebuild the fixed-state model from ``precision.yaml`` + ``quantized_state.pt``.
+
+    The assignment in precision.yaml wins over the one in the state, so an edited
+    precision.yaml exports as edited.
+    """
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from hmqsearch.pipeline import quant_spec
+    from hmqsearch.quant.prepare import prepare
+
+    run_dir = Path(run_dir)
+    precision, cfg = run_config(run_dir)
+    spec = quant_spec(cfg)
+    net = instantiate(cfg.model.net)
+    loader = eval_loader(cfg)
+    qmodel = prepare(net, spec, first_batch(loader)[:8])
+    try:
+        qmodel.load_state_dict(_load_state(run_dir / "quantized_state.pt"))
+    except RuntimeError as exc:
+        raise UserError(f"{run_dir / 'quantized_state.pt'} does not fit the run's model: {str(exc).splitlines()[0]}") from exc
+    apply_precision(qmodel, precision, source=str(run_dir / "precision.yaml"))
+    qmodel.set_state("fixed")
+    return LoadedRun(qmodel.eval(), loader, OmegaConf.to_container(cfg.model.net, resolve=True), spec, cfg)
