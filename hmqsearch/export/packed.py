@@ -193,7 +193,11 @@ def _build(meta: dict[str, Any], source: Path) -> QuantModel:
 
 @torch.no_grad()
 def load_packed(path: str | Path) -> QuantModel:
-    """Rebuild the runnable fixed-state quantized model from a packed checkpoint alone."""
+    """Rebuild the runnable fixed-state quantized model from a packed checkpoint alone.
+
+    The architecture's ``_target_`` is imported and called, as Hydra does with a config:
+    load checkpoints from sources you trust.
+    """
     st_path, json_path = packed_paths(path)
     meta = read_packed_meta(json_path)
     tensors = _read_tensors(st_path, meta)
