@@ -144,6 +144,10 @@ def finetune(ctx: Context, qmodel: QuantModel) -> None:
     _fit(ctx, module, "finetune", "val/acc")
 
 
+def _latency_table(qmodel: QuantModel, cfg: DictConfig) -> lat.LatencyTable | None:
+    return lat.build_latency_table(qmodel, cfg.cost.latency, cfg.cost.get("target"), cfg.cost.get("latency_table"))
+
+
 def _costs(qmodel: QuantModel, budgets: BudgetSpec, table: lat.LatencyTable | None) -> dict[str, Any]:
     packed = size.exact_weight_bytes(qmodel, "packed")
     container = size.exact_weight_bytes(qmodel, "container")
@@ -178,8 +182,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     # Budgets are checked on the structure alone, before any training.
     probe = prepare(net, spec, example)
-    probe_table = lat.build_latency_table(probe, cfg.cost.latency, cfg.cost.get("target"), cfg.cost.get("latency_table"))
-    build_constraints(probe, budgets, probe_table)
+    build_constraints(probe, budgets, _latency_table(probe, cfg))
     del probe
 
     pretrained_meta = load_pretrained(net, cfg.model.pretrained) if cfg.model.pretrained else None
@@ -201,7 +204,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         ranges = calibrate_activations(
             qmodel, calib, cfg.search.calibration.method, cfg.search.calibration.percentile
         )
-        table = lat.build_latency_table(qmodel, cfg.cost.latency, cfg.cost.get("target"), cfg.cost.get("latency_table"))
+        table = _latency_table(qmodel, cfg)
         constraints = build_constraints(qmodel, budgets, table)
         timings["calibrate_s"] = time.time() - t0
 

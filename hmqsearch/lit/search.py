@@ -40,6 +40,7 @@ class SearchModule(ClassifierModule):
         self.duals = DualVariables([c.name for c in constraints], dual_lr)
         self.logit_lr = logit_lr
         self.tau_start, self.tau_end = tau_start, tau_end
+        self.tau = tau_start
         self._violations: Tensor | None = None
 
     def temperature(self, step: int) -> float:
@@ -48,7 +49,8 @@ class SearchModule(ClassifierModule):
         return self.tau_start * math.exp(progress * math.log(self.tau_end / self.tau_start))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self.model.set_tau(self.temperature(self.global_step))
+        self.tau = self.temperature(self.global_step)
+        self.model.set_tau(self.tau)
 
     def violations(self) -> Tensor:
         if not self.constraints:
@@ -63,7 +65,7 @@ class SearchModule(ClassifierModule):
         self.log("train/loss", task, prog_bar=True)
         self.log("train/lagrangian", loss)
         self.log("train/acc", (logits.argmax(1) == y).float().mean())
-        self.log("search/tau", float(self.model.quantizers().__next__()[1].tau))
+        self.log("search/tau", self.tau)
         for c, vi in zip(self.constraints, v.detach()):
             self.log(f"cost/{c.name}_expected", vi.add(1.0).mul(c.budget))
             self.log(f"cost/{c.name}_violation", vi)

@@ -103,6 +103,3 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         if self.recording:
             self._record(x, out)
         return out
-
-
-QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear)

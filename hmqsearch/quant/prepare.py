@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from hmqsearch.errors import UserError
 from hmqsearch.quant.fold import _replace_module, fold_batchnorm
 from hmqsearch.quant.hmq import MODES, HMQQuantizer, State
-from hmqsearch.quant.layers import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear
+from hmqsearch.quant.layers import QuantConv2d, QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,3 @@ def record_shapes(qmodel: QuantModel, example_input: Tensor) -> None:
             layer.recording = False
         for _, q in qmodel.quantizers():
             q.state = states[id(q)]
-
-
-def is_quant_layer(m: nn.Module) -> bool:
-    return isinstance(m, QUANT_LAYER_TYPES)
