@@ -117,7 +117,8 @@ def deployed_layer(name: str, layer: QuantLayer) -> DeployedLayer:
     wscheme, ascheme = scheme_of(layer.wq), scheme_of(layer.aq)
     weight = layer.weight.detach().float().cpu()
     codes = None if wscheme is None else quantize_codes(weight, wscheme)
-    bias = None if layer.bias is None else layer.bias.detach().float().cpu().numpy()
+    bias = layer.effective_bias()
+    bias = None if bias is None else bias.detach().float().cpu().numpy()
     common = dict(
         name=name,
         weight=weight.numpy() if wscheme is None else dequantize_codes(codes, wscheme),

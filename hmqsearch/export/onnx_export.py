@@ -31,10 +31,12 @@ and runs at about half the float speed.  ``form="onnxruntime"`` (default) theref
 
 ``form="portable"`` puts DequantizeLinear directly on every integer weight (the textbook QDQ
 form, for runtimes that fuse it themselves, e.g. TensorRT).  Both forms store the same
-integers and compute the same values.  When fusing, onnxruntime rounds the float bias to int32
-at s_x * s_w: that is the one numerical difference the runtime adds (a requantized output can
-move by one step when its exact value lies within half an accumulator step of a rounding
-boundary); a bias already on that grid makes the fused graph bit-exact too.
+integers and compute the same values.  A layer whose output reaches a quantizer through
+Relu/Clip alone also gets the DequantizeLinear weight, because onnxruntime would otherwise
+requantize its float weight per tensor (:func:`requantized_by_onnxruntime`).  Integer kernels
+add the bias as int32 at s_x * s_w; the quantized layers keep their bias on that grid
+(:meth:`~hmqsearch.quant.layers.QuantLayerMixin.effective_bias`), so onnxruntime with all
+its optimizations reproduces the PyTorch model exactly too (float32 accumulation order aside).
 """
 
 from __future__ import annotations
@@ -314,6 +316,33 @@ def fusable_layers(traced: onnx.ModelProto, layers: list[DeployedLayer]) -> dict
     return fused
 
 
+def requantized_by_onnxruntime(traced: onnx.ModelProto, layers: list[DeployedLayer]) -> set[int]:
+    """Layers whose float weights onnxruntime would requantize itself, so they need a DQ weight.
+
+    onnxruntime's WeightBiasQuantization (>= 1.20) rewrites a Conv/Gemm whose input comes from a
+    per-tensor DequantizeLinear and whose output reaches a QuantizeLinear through Relu/Clip
+    nodes alone with a *float* weight initializer: it quantizes that weight to int8 per tensor,
+    a lossy change.  A DequantizeLinear weight (our per-channel power-of-two codes) is kept.
+    """
+    graph = _Graph(traced)
+    out: set[int] = set()
+    for node in traced.graph.node:
+        i = _marker_index(node)
+        if i is None or layers[i].ascheme is None or layers[i].wscheme is None:
+            continue
+        nxt, through_act = graph.only_consumer(node.output[0]), False
+        while nxt is not None and nxt.domain == "" and nxt.op_type in ("Relu", "Clip"):
+            nxt, through_act = graph.only_consumer(nxt.output[0]), True
+        j = _marker_index(nxt)
+        if j is None or (s := layers[j].ascheme) is None:
+            continue
+        # a Relu/Clip (ours or the network's) before a 4-bit quantizer is written as Max/Min
+        if s.container_bits == 4 and (through_act or not s.fills_container):
+            continue
+        out.add(i)
+    return out
+
+
 def _integer_kernel_possible(layer: DeployedLayer) -> bool:
     return (
         layer.kind == "conv" and layer.wscheme is not None
@@ -348,6 +377,7 @@ def _expand(traced: onnx.ModelProto, layers: list[DeployedLayer], form: str) -> 
     fused = set(fusable_layers(traced, layers))
     if form == "portable":  # no int4 convolution kernel in onnxruntime
         fused = {i for i in fused if layers[i].wscheme is not None and layers[i].wscheme.container_bits == 8}
+    dq_weight = fused | requantized_by_onnxruntime(traced, layers)
     graph = traced.graph
     nodes: list[onnx.NodeProto] = []
     inits = list(graph.initializer)
@@ -362,7 +392,7 @@ def _expand(traced: onnx.ModelProto, layers: list[DeployedLayer], form: str) -> 
             raise UserError(f"layer {layers[index].name} is called more than once; shared layers cannot be exported")
         seen.add(index)
         rank = next(a.i for a in node.attribute if a.name == "rank")
-        sub = layer_subgraph(layers[index], node.input[0], node.output[0], rank, form, index in fused)
+        sub = layer_subgraph(layers[index], node.input[0], node.output[0], rank, form, index in dq_weight)
         nodes += sub.nodes
         inits += sub.initializers
         weight_bytes += sub.weight_bytes

@@ -185,6 +185,15 @@ class HMQQuantizer(nn.Module):
             self.logits.fill_(0.0)
             self.logits[b, j] = 20.0
 
+    def is_discrete(self) -> bool:
+        """True when the forward pass applies the argmax scheme (fixed state, or search in eval)."""
+        return self.state == "fixed" or (self.state == "search" and not self.training)
+
+    def discrete_steps(self) -> Tensor:
+        """Steps of the argmax scheme, one per channel, on the quantizer's device."""
+        b, j = self.chosen_index()
+        return self.candidate_tables()[0][b * self.n_thresholds + j]
+
     # -------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         if self.state == "float":

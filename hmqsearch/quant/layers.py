@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hmqsearch.quant.functional import round_ste
 from hmqsearch.quant.hmq import HMQQuantizer
 
 
@@ -46,6 +47,19 @@ class QuantLayerMixin:
     def quantized_weight(self) -> Tensor:
         return self.wq(self.weight)
 
+    def effective_bias(self) -> Tensor | None:
+        """The bias as an integer kernel adds it: on the accumulator grid s_x * s_w.
+
+        Integer kernels (onnxruntime's QLinearConv, TensorRT) add an int32 bias
+        round(b / (s_x * s_w)) to the int32 accumulator; rounding it here too (straight-through
+        gradient) makes the fake-quantized layer equal the deployed one bit for bit.  Only when
+        both input and weights use a discrete scheme; the search relaxation keeps the float bias.
+        """
+        if self.bias is None or not (self.wq.is_discrete() and self.aq.is_discrete()):
+            return self.bias
+        grid = self.aq.discrete_steps().reshape(()) * self.wq.discrete_steps()
+        return round_ste(self.bias / grid) * grid
+
     def _record(self, x: Tensor, out: Tensor) -> None:
         n = x.shape[0]
         self.shape.calls += 1
@@ -75,7 +89,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         return (self.in_channels // self.groups) * kh * kw
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self._conv_forward(self.aq(x), self.quantized_weight(), self.bias)
+        out = self._conv_forward(self.aq(x), self.quantized_weight(), self.effective_bias())
         if self.recording:
             self._record(x, out)
         return out
@@ -99,7 +113,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         return self.in_features
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(self.aq(x), self.quantized_weight(), self.bias)
+        out = F.linear(self.aq(x), self.quantized_weight(), self.effective_bias())
         if self.recording:
             self._record(x, out)
         return out
