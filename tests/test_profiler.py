@@ -42,7 +42,10 @@ def test_profiler_table_covers_every_candidate_and_loads(tmp_path):
     assert loaded.w_bits["linear"] == [FLOAT_BITS]
     assert float(expected_latency(qmodel, loaded).detach()) > 0
     assert sum(exact_latency(qmodel, loaded).values()) > 0
-    assert len(lines) == len(qmodel.layer_names)
+    # the whole graph's cost beyond its layers is measured and travels with the table
+    assert (loaded.overhead_ms, loaded.batch, loaded.threads) == (table.overhead_ms, 1, 1)
+    assert math.isfinite(loaded.overhead_ms) and "whole graph" in lines[-1]
+    assert len(lines) == len(qmodel.layer_names) + 1
 
 
 def test_whole_graph_latency(tmp_path):

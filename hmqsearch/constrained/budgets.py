@@ -58,7 +58,7 @@ def build_constraints(qmodel: QuantModel, spec: BudgetSpec, table: lat.LatencyTa
             unit=f"ms ({table.source})",
             budget=float(spec.latency_ms),
             expected=lambda: lat.expected_latency(qmodel, table),
-            exact=lambda: float(sum(lat.exact_latency(qmodel, table).values())),
+            exact=lambda: lat.exact_total_latency(qmodel, table),
             minimum=lat.min_latency(qmodel, table),
         ))
     for c in constraints:

@@ -42,12 +42,21 @@ class Target:
 
 @dataclass
 class LatencyTable:
-    """Per-layer latency table; ``ms[layer][i][j]`` is the time at (w_bits[i], a_bits[j])."""
+    """Per-layer latency table; ``ms[layer][i][j]`` is the time at (w_bits[i], a_bits[j]).
+
+    ``overhead_ms`` is what the whole network costs beyond its layers' entries (adds, pooling,
+    layout changes, minus quantize steps that chained integer kernels skip): the profiler
+    measures it on the whole graph, so that overhead + sum of entries predicts the graph.
+    ``batch``/``threads``: what a measured table was timed at (None for analytic tables).
+    """
 
     source: str  # "analytic:<target>" or "measured:<device>"
     w_bits: dict[str, list[int]]
     a_bits: dict[str, list[int]]
     ms: dict[str, list[list[float]]]
+    overhead_ms: float = 0.0
+    batch: int | None = None
+    threads: int | None = None
 
     def lookup(self, layer: str, bw: int | None, ba: int | None) -> float:
         bw = FLOAT_BITS if bw is None else bw
@@ -73,8 +82,11 @@ class LatencyTable:
             raise UserError(f"latency table {p} does not exist; write one with `hmqsearch profile`")
         try:
             data = json.loads(p.read_text())
-            return cls(data["source"], data["w_bits"], data["a_bits"], data["ms"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            return cls(
+                data["source"], data["w_bits"], data["a_bits"], data["ms"],
+                float(data.get("overhead_ms", 0.0)), data.get("batch"), data.get("threads"),
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UserError(f"latency table {p} is not a valid table ({exc})") from exc
 
 
@@ -104,7 +116,7 @@ def expected_latency(qmodel: QuantModel, table: LatencyTable) -> Tensor:
         pw = _probs_over(layer.wq, table.w_bits[name])
         pa = _probs_over(layer.aq, table.a_bits[name])
         terms.append(pw @ lut @ pa)
-    return torch.stack(terms).sum()
+    return torch.stack(terms).sum() + table.overhead_ms
 
 
 def _probs_over(q, table_bits: list[int]) -> Tensor:  # noqa: ANN001 - HMQQuantizer
@@ -129,9 +141,14 @@ def exact_latency(qmodel: QuantModel, table: LatencyTable) -> dict[str, float]:
     return out
 
 
+def exact_total_latency(qmodel: QuantModel, table: LatencyTable) -> float:
+    """Table latency of the argmax assignment: the layers' entries plus the table's overhead."""
+    return float(sum(exact_latency(qmodel, table).values())) + table.overhead_ms
+
+
 def min_latency(qmodel: QuantModel, table: LatencyTable) -> float:
     """Table latency with every searched quantizer at its lowest candidate."""
-    return sum(
+    return table.overhead_ms + sum(
         table.lookup(
             name,
             None if layer.wq.float_pinned else int(layer.wq.bits.min()),

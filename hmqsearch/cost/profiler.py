@@ -10,8 +10,12 @@ provider when onnxruntime has it, else the CPU) after a warm-up, and the median 
 repeats goes into a :class:`~hmqsearch.cost.latency.LatencyTable` (``source="measured:..."``)
 that ``cost.latency=measured cost.latency_table=<file>`` reads back.
 
-The per-layer sum leaves out what lies between layers (adds, pooling, layout changes), so
-:func:`measure_graph_latency` of the whole exported graph is reported beside it.
+The per-layer sum leaves out what lies between layers (adds, pooling, layout changes) and
+counts input quantize steps that chained integer kernels skip; the profiler therefore also
+times the whole graph at a reference assignment (every layer at its highest candidate) and
+stores the difference as the table's ``overhead_ms``, so that overhead + the sum of the
+entries predicts the whole graph.  :func:`measure_graph_latency` of the exported graph is
+reported beside the prediction.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from onnx import TensorProto, helper
 from hmqsearch.cost.latency import FLOAT_BITS, LatencyTable
 from hmqsearch.export.deployed import DeployedLayer, QScheme, deployed_layers
 from hmqsearch.export.onnx_export import (
-    IR_VERSION, OPSET, container_type, fusable_layers, layer_subgraph, trace_markers,
+    IR_VERSION, OPSET, build_graph, container_type, fusable_layers, layer_subgraph, trace_markers,
 )
 from hmqsearch.export.verify import providers, session
 from hmqsearch.quant.prepare import QuantModel
@@ -149,8 +153,27 @@ def profile_layers(
         w_bits[name], a_bits[name], ms[name] = wb, ab, rows
         if progress is not None:
             progress(f"{name}: " + ", ".join(f"W{b}: {min(r):.3f}-{max(r):.3f} ms" for b, r in zip(wb, rows)))
+    timing = dict(batch=batch, warmup=warmup, repeats=repeats, threads=threads)
+    reference = [d.at_bits(_highest(w_bits[d.name]), _highest(a_bits[d.name])) for d in layers]
+    whole = _graph_latency(build_graph(qmodel, reference, example).model, tuple(example.shape[1:]), **timing)
     source = f"measured:{device_name()} batch={batch} threads={threads}"
-    return LatencyTable(source, w_bits, a_bits, ms)
+    table = LatencyTable(source, w_bits, a_bits, ms, batch=batch, threads=threads)
+    layer_sum = sum(table.lookup(d.name, _highest(w_bits[d.name]), _highest(a_bits[d.name])) for d in layers)
+    table.overhead_ms = whole - layer_sum
+    if progress is not None:
+        progress(f"whole graph at the highest candidates: {whole:.3f} ms; its layers' entries sum to {layer_sum:.3f} ms")
+    return table
+
+
+def _highest(bits: list[int]) -> int | None:
+    """The highest candidate of a table row as :meth:`DeployedLayer.at_bits` takes it (None = float)."""
+    return None if max(bits) == FLOAT_BITS else max(bits)
+
+
+def _graph_latency(model: onnx.ModelProto, input_shape: tuple[int, ...], *, batch: int, warmup: int, repeats: int, threads: int) -> float:
+    sess = _session_from_model(model, threads)
+    feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)}
+    return time_session(sess, feed, warmup, repeats)
 
 
 def measure_graph_latency(

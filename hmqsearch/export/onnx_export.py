@@ -464,6 +464,11 @@ def build_onnx(qmodel: QuantModel, example: Tensor, form: str = "onnxruntime", a
     layers = deployed_layers(qmodel)
     if as_float:
         layers = [d.at_bits(None, None) for d in layers]
+    return build_graph(qmodel, layers, example, form)
+
+
+def build_graph(qmodel: QuantModel, layers: list[DeployedLayer], example: Tensor, form: str = "onnxruntime") -> BuiltGraph:
+    """The deployment graph of ``qmodel``'s network with its quantized layers deployed as ``layers``."""
     traced = trace_markers(qmodel, layers, example[:1].detach().cpu().float())
     return _expand(traced, layers, form)
 
