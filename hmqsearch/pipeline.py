@@ -26,6 +26,7 @@ from hmqsearch.cost import latency as lat
 from hmqsearch.cost import size
 from hmqsearch.errors import UserError
 from hmqsearch.export.precision import write_precision
+from hmqsearch.export.stage import export_into_summary
 from hmqsearch.io import atomic_write, write_json
 from hmqsearch.lit.classifier import ClassifierModule
 from hmqsearch.lit.search import SearchModule
@@ -160,7 +161,7 @@ def _costs(qmodel: QuantModel, budgets: BudgetSpec, table: lat.LatencyTable | No
         "compression_packed": float_bytes / sum(packed.values()),
         "latency_model": table.source if table else None,
         "expected_latency": float(lat.expected_latency(qmodel, table)) if table else None,
-        "exact_latency": float(sum(lat.exact_latency(qmodel, table).values())) if table else None,
+        "exact_latency": lat.exact_total_latency(qmodel, table) if table else None,
         "per_layer_weight_bytes_packed": packed,
     }
     return costs
@@ -254,6 +255,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
         atomic_write(run_dir / "quantized_state.pt", lambda p: torch.save(qmodel.state_dict(), p))
         write_json(run_dir / "summary.json", summary)
+
+        # export: ONNX graph + packed checkpoint, verified on the test set, latency measured
+        if cfg.export.enabled:
+            t0 = time.time()
+            export_into_summary(
+                summary, qmodel, run_dir, test_loader, OmegaConf.to_container(cfg.export, resolve=True),
+                arch=OmegaConf.to_container(cfg.model.net, resolve=True), spec=spec, latency_table=table,
+            )
+            summary["timings"]["export_s"] = time.time() - t0
+            write_json(run_dir / "summary.json", summary)
         loggers.log_summary(summary)
         print_final_table(qmodel, summary, costs["per_layer_weight_bytes_packed"])
         exit_code = 0

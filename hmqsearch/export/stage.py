@@ -26,12 +26,14 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from hmqsearch.cost.latency import LatencyTable, exact_total_latency
 from hmqsearch.cost.profiler import device_name, measure_graph_latency
 from hmqsearch.errors import UserError
 from hmqsearch.export.onnx_export import FORMS, export_onnx
 from hmqsearch.export.packed import packed_paths, save_packed
 from hmqsearch.export.precision import apply_precision, read_precision
-from hmqsearch.export.verify import fail_export, first_batch, verify_onnx
+from hmqsearch.export.verify import VerificationError, fail_export, first_batch, verify_onnx
+from hmqsearch.io import write_json
 from hmqsearch.quant.prepare import QuantModel, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -41,9 +43,9 @@ PACKED_BASE = "model.packed"
 
 DEFAULTS: dict[str, Any] = {
     "form": "onnxruntime",
-    "tolerance_agreement": 99.0,
-    "tolerance_runtime_agreement": 90.0,
-    "verify_samples": 1000,
+    "tolerance_agreement": 99.5,
+    "tolerance_runtime_agreement": 99.5,
+    "verify_samples": 10000,
     "latency_batch": 1,
     "latency_warmup": 5,
     "latency_repeats": 20,
@@ -52,9 +54,14 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# keys of the ``export`` config node that say what to export, not how (see conf/export/default.yaml)
+STAGE_KEYS = ("enabled", "run_dir", "checkpoint", "precision")
+
+
 def export_config(cfg_export: Mapping[str, Any] | None) -> dict[str, Any]:
     """``cfg_export`` over :data:`DEFAULTS`, checked."""
-    cfg = {**DEFAULTS, **dict(cfg_export or {})}
+    given = {k: v for k, v in dict(cfg_export or {}).items() if k not in STAGE_KEYS}
+    cfg = {**DEFAULTS, **given}
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
         raise UserError(f"unknown export options {unknown}; allowed: {', '.join(DEFAULTS)}")
@@ -80,15 +87,22 @@ def export_run(
     *,
     arch: Mapping[str, Any],
     spec: QuantSpec,
+    latency_table: LatencyTable | None = None,
 ) -> dict[str, Any]:
     """Export ``qmodel``'s argmax assignment into ``run_dir`` and return ``{"export": figures}``.
 
     Writes ``model.onnx`` (verified against ``qmodel`` on ``loader``) and
     ``model.packed.safetensors`` + ``model.packed.json``; measures the graph's latency.
     ``arch`` is the network's Hydra node (``cfg.model.net`` as a dict), ``spec`` its QuantSpec:
-    both go into the packed checkpoint so that it can be loaded alone.
+    both go into the packed checkpoint so that it can be loaded alone.  With a measured
+    ``latency_table`` the graph is timed at the table's batch and threads and the table's
+    prediction for the assignment is reported beside the measurement.
     """
     cfg = export_config(cfg_export)
+    measured_table = latency_table is not None and latency_table.batch is not None
+    if measured_table:
+        cfg["latency_batch"] = latency_table.batch
+        cfg["latency_threads"] = latency_table.threads if latency_table.threads is not None else cfg["latency_threads"]
     run_dir = Path(run_dir)
     qmodel.set_state("fixed")
     qmodel.eval()
@@ -128,6 +142,10 @@ def export_run(
             float_path = export_onnx(qmodel, Path(tmp) / "float.onnx", example, as_float=True).path
             figures["measured_float_latency_ms"] = measure_graph_latency(float_path, input_shape, **timing)
         figures["measured_speedup_vs_float"] = figures["measured_float_latency_ms"] / latency
+    if measured_table:
+        predicted = exact_total_latency(qmodel, latency_table)
+        figures["table_latency_ms"] = predicted
+        figures["measured_over_table"] = latency / predicted
     log.info(
         "export: %s (%d bytes, %d of them weights), packed %d bytes, %.3f ms at batch %d",
         onnx_path, info.onnx_bytes, info.weight_bytes, meta["packed_bytes"], latency, cfg["latency_batch"],
@@ -135,14 +153,46 @@ def export_run(
     return {"export": figures}
 
 
+def export_into_summary(
+    summary: dict[str, Any],
+    qmodel: QuantModel,
+    run_dir: Path,
+    loader: Iterable[Any],
+    cfg_export: Mapping[str, Any] | None,
+    *,
+    arch: Mapping[str, Any],
+    spec: QuantSpec,
+    latency_table: LatencyTable | None = None,
+) -> None:
+    """:func:`export_run`, its figures added to ``summary`` and ``run_dir/summary.json`` rewritten.
+
+    A failed verification is recorded too (``summary["export"]["passed"] = False``) before the
+    :class:`VerificationError` propagates.
+    """
+    try:
+        figures = export_run(qmodel, run_dir, loader, cfg_export, arch=arch, spec=spec, latency_table=latency_table)
+        summary.update(figures)
+        summary["export"]["passed"] = True
+    except VerificationError as exc:
+        summary["export"] = {"passed": False, "verify": exc.result, "error": str(exc)}
+        raise
+    finally:
+        write_json(Path(run_dir) / "summary.json", summary)
+
+
 # --------------------------------------------------------- a finished run's artifacts
 def run_config(run_dir: Path) -> tuple[dict[str, Any], Any]:
     """A run's precision.yaml and the resolved config recorded in it (a DictConfig)."""
+    return read_run_config(Path(run_dir) / "precision.yaml")
+
+
+def read_run_config(precision_path: Path) -> tuple[dict[str, Any], Any]:
+    """A precision.yaml and the resolved config recorded in it (a DictConfig)."""
     from omegaconf import OmegaConf
 
-    precision = read_precision(Path(run_dir) / "precision.yaml")
+    precision = read_precision(precision_path)
     if not isinstance(precision.get("config"), dict):
-        raise UserError(f"{Path(run_dir) / 'precision.yaml'} has no 'config' section; it was not written by a hmqsearch run")
+        raise UserError(f"{precision_path} has no 'config' section; it was not written by a hmqsearch run")
     return precision, OmegaConf.create(precision["config"])
 
 
@@ -161,14 +211,18 @@ def eval_loader(cfg: Any) -> Any:
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    """A quantized model's state dict: ``quantized_state.pt``, or a Lightning checkpoint of a
+    quantized stage (``checkpoints/finetune/last.ckpt``: its ``model.`` prefix is dropped)."""
     if not path.is_file():
         raise UserError(f"quantized state {path} does not exist; is this the run directory of a finished run?")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=path.suffix != ".ckpt")
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
         raise UserError(f"quantized state {path} cannot be read (corrupt or truncated?): {str(exc).splitlines()[0]}") from exc
-    if not isinstance(state, dict):
-        raise UserError(f"quantized state {path} holds no state_dict")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"quantized state {path} holds no state_dict of a quantized model")
     return state
 
 
@@ -184,9 +238,15 @@ class LoadedRun:
 
 
 def load_run(run_dir: Path) -> LoadedRun:
-    """Rebuild the fixed-state model from ``precision.yaml`` + ``quantized_state.pt``.
+    """A finished run's directory: ``precision.yaml`` + ``quantized_state.pt``."""
+    run_dir = Path(run_dir)
+    return load_artifacts(run_dir / "precision.yaml", run_dir / "quantized_state.pt")
 
-    The assignment in precision.yaml wins over the one in the state, so an edited
+
+def load_artifacts(precision_path: Path, checkpoint: Path) -> LoadedRun:
+    """Rebuild the fixed-state model from a ``precision.yaml`` and a quantized model's checkpoint.
+
+    The assignment in precision.yaml wins over the one in the checkpoint, so an edited
     precision.yaml exports as edited.
     """
     from hydra.utils import instantiate
@@ -195,16 +255,55 @@ def load_run(run_dir: Path) -> LoadedRun:
     from hmqsearch.pipeline import quant_spec
     from hmqsearch.quant.prepare import prepare
 
-    run_dir = Path(run_dir)
-    precision, cfg = run_config(run_dir)
+    precision_path, checkpoint = Path(precision_path), Path(checkpoint)
+    precision, cfg = read_run_config(precision_path)
     spec = quant_spec(cfg)
     net = instantiate(cfg.model.net)
     loader = eval_loader(cfg)
     qmodel = prepare(net, spec, first_batch(loader)[:8])
     try:
-        qmodel.load_state_dict(_load_state(run_dir / "quantized_state.pt"))
+        qmodel.load_state_dict(_load_state(checkpoint))
     except RuntimeError as exc:
-        raise UserError(f"{run_dir / 'quantized_state.pt'} does not fit the run's model: {str(exc).splitlines()[0]}") from exc
-    apply_precision(qmodel, precision, source=str(run_dir / "precision.yaml"))
+        raise UserError(f"{checkpoint} does not fit the model of {precision_path}: {str(exc).splitlines()[0]}") from exc
+    apply_precision(qmodel, precision, source=str(precision_path))
     qmodel.set_state("fixed")
     return LoadedRun(qmodel.eval(), loader, OmegaConf.to_container(cfg.model.net, resolve=True), spec, cfg)
+
+
+def run_export_stage(cfg: Any, out_dir: Path) -> dict[str, Any]:
+    """``python train.py stage=export``: export a finished run (``export.run_dir``, written into it)
+    or a checkpoint + precision.yaml (``export.checkpoint``, ``export.precision``, written into
+    ``out_dir``); returns the summary with the export figures."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from hmqsearch.cost.latency import build_latency_table
+
+    e = cfg.export
+    if e.get("run_dir"):
+        target = Path(e.run_dir)
+        run = load_run(target)
+    elif e.get("checkpoint") and e.get("precision"):
+        target = Path(out_dir)
+        run = load_artifacts(Path(e.precision), Path(e.checkpoint))
+    else:
+        raise UserError(
+            "stage=export needs export.run_dir=<a finished run directory>, "
+            "or export.checkpoint=<quantized_state.pt or .ckpt> and export.precision=<precision.yaml>"
+        )
+    summary: dict[str, Any] = {}
+    if (target / "summary.json").is_file():
+        try:
+            summary = json.loads((target / "summary.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{target / 'summary.json'} is not valid JSON ({exc}); remove it to export anyway") from exc
+    cost = run.cfg.get("cost", {})
+    table = None
+    if cost.get("latency") == "measured":
+        table = build_latency_table(run.qmodel, "measured", None, cost.get("latency_table"))
+    export_into_summary(
+        summary, run.qmodel, target, run.loader, OmegaConf.to_container(e, resolve=True),
+        arch=run.arch, spec=run.spec, latency_table=table,
+    )
+    return summary

@@ -30,7 +30,14 @@ FAILED_SUFFIX = ".FAILED-verification.onnx"
 
 
 class VerificationError(UserError):
-    """The exported graph disagrees with the PyTorch model beyond the configured tolerance."""
+    """The exported graph disagrees with the PyTorch model beyond the configured tolerance.
+
+    ``result`` holds the verification figures; the graph was kept under a FAILED name.
+    """
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 def providers() -> list[str]:
@@ -162,7 +169,8 @@ def fail_export(onnx_path: str | Path, result: dict[str, Any]) -> Path:
         f"exported graph disagrees with the PyTorch model on {result['samples']} samples: top-1 agreement "
         f"{result['reference_agreement']:.2f}% as a graph (export.tolerance_agreement={result['min_agreement']}), "
         f"{result['agreement']:.2f}% with onnxruntime's integer kernels "
-        f"(export.tolerance_runtime_agreement={result['min_runtime_agreement']}); kept as {failed} for inspection"
+        f"(export.tolerance_runtime_agreement={result['min_runtime_agreement']}); kept as {failed} for inspection",
+        {k: v for k, v in result.items() if k != "passed"},
     )
 
 

@@ -42,4 +42,38 @@ def print_final_table(qmodel: QuantModel, summary: dict[str, Any], layer_bytes: 
     result.add_row("test top-1 float", f"{summary['float_top1']:.2f} %")
     result.add_row("test top-1 quantized", f"{summary['quant_top1']:.2f} %"
                    f" ({summary['quant_top1'] - summary['float_top1']:+.2f})")
+    for row in export_rows(summary.get("export")):
+        result.add_row(*row)
     console.print(result)
+
+
+def export_rows(figures: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The export's figures as (quantity, value) rows: sizes, verification, latency."""
+    if not figures or "onnx_bytes" not in figures:
+        return []
+    v = figures["verify"]
+    top1 = "" if v.get("onnx_top1") is None else f", top-1 onnx {v['onnx_top1']:.2f} % / torch {v['torch_top1']:.2f} %"
+    rows = [
+        ("model.onnx", f"{figures['onnx_bytes']:,} bytes ({figures['onnx_weight_bytes']:,} weight bytes)"),
+        ("packed checkpoint", f"{figures['packed_file_bytes']:,} bytes ({figures['packed_bytes']:,} weight bytes)"),
+        ("onnxruntime agreement", f"{v['agreement']:.2f} % of {v['samples']:,}{top1}"),
+        ("max |logit diff|", f"{v['max_abs_logit_diff']:.3g}"),
+    ]
+    latency = f"{figures['measured_latency_ms']:.3f} ms (batch {figures['measured_latency_batch']})"
+    if figures.get("measured_speedup_vs_float") is not None:
+        latency += f", {figures['measured_speedup_vs_float']:.2f}x float32"
+    rows.append(("latency measured", latency))
+    if figures.get("table_latency_ms") is not None:
+        rows.append(("latency table prediction", f"{figures['table_latency_ms']:.3f} ms "
+                     f"(measured / table = {figures['measured_over_table']:.2f})"))
+    return rows
+
+
+def print_export_table(figures: dict[str, Any]) -> None:
+    """The export figures alone (``stage=export``)."""
+    table = Table(title="Export", title_justify="left")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for row in export_rows(figures):
+        table.add_row(*row)
+    Console().print(table)
