@@ -37,6 +37,16 @@ def test_quick_default_run_writes_artifacts(tmp_path):
     assert "Precision assignment" in proc.stdout and "test top-1 quantized" in proc.stdout
     for stage in ("pretrain", "search", "finetune"):
         assert (run_dir / "checkpoints" / stage / "last.ckpt").is_file()
+    # every run exports: the deployment graph and the packed checkpoint, verified
+    assert (run_dir / "model.onnx").is_file() and (run_dir / "model.packed.safetensors").is_file()
+    export = summary["export"]
+    assert export["passed"] is True and export["verify"]["agreement"] >= 99.5
+    assert export["verify"]["samples"] == export["verify"]["samples"] > 0
+    assert export["packed_bytes"] == summary["weight_bytes_packed"]
+    assert export["onnx_weight_bytes"] == summary["weight_bytes_container"]
+    assert export["onnx_bytes"] == (run_dir / "model.onnx").stat().st_size
+    assert export["measured_latency_ms"] > 0
+    assert "onnxruntime agreement" in proc.stdout
 
 
 def test_budget_sweep_sizes_follow_budgets(tmp_path):
