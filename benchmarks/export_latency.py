@@ -1,8 +1,9 @@
 """onnxruntime latency of CIFAR deployment graphs: float32, all-int8 and mixed precision.
 
     python benchmarks/export_latency.py [--model resnet20|mobilenetv2] [--threads 1] [--rounds 5]
+        [--data ../shared/data]
 
-Uses the CIFAR-10 test set and (ResNet-20) the pretrained weights from ../shared/data when
+Uses the CIFAR-10 test set and (ResNet-20) the pretrained weights from ``--data`` when
 present (random weights and inputs otherwise; timing does not depend on them).  Every graph is timed
 at batch 1 and 64 in interleaved rounds (the median of all runs is kept), so load from other
 processes affects all graphs alike.  It also reports how many layers onnxruntime runs as
@@ -34,15 +35,13 @@ from hmqsearch.quant.calibrate import calibrate_activations  # noqa: E402
 from hmqsearch.quant.prepare import QuantModel, QuantSpec, prepare  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
-WEIGHTS = SHARED / "weights" / "resnet20-12fca82f.th"
-CIFAR_TEST = SHARED / "cifar10" / "test.npz"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def cifar_test(n: int) -> tuple[torch.Tensor, np.ndarray] | None:
-    if not CIFAR_TEST.is_file():
+def cifar_test(path: Path, n: int) -> tuple[torch.Tensor, np.ndarray] | None:
+    if not path.is_file():
         return None
-    data = np.load(CIFAR_TEST, allow_pickle=False)
+    data = np.load(path, allow_pickle=False)
     idx = np.random.default_rng(0).permutation(len(data["y"]))[:n]
     x = torch.from_numpy(data["x"][idx]).permute(0, 3, 1, 2).float() / 255.0
     x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
@@ -90,14 +89,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per graph, batch and round")
     parser.add_argument("--samples", type=int, default=1000, help="test images for top-1 / agreement")
+    parser.add_argument("--data", type=Path, default=SHARED, help="shared data folder (cifar10/, weights/)")
     args = parser.parse_args()
+    weights = args.data / "weights" / "resnet20-12fca82f.th"
 
     torch.manual_seed(0)
     net = resnet20() if args.model == "resnet20" else mobilenetv2_cifar()
-    real = args.model == "resnet20" and WEIGHTS.is_file()
+    real = args.model == "resnet20" and weights.is_file()
     if real:
-        load_pretrained(net, str(WEIGHTS))
-    data = cifar_test(args.samples)
+        load_pretrained(net, str(weights))
+    data = cifar_test(args.data / "cifar10" / "test.npz", args.samples)
     calib = data[0][:256] if data is not None else torch.randn(256, 3, 32, 32)
     print(f"{args.model}, {'pretrained' if real else 'random'} weights, calibration on "
           f"{'CIFAR-10 test images' if data is not None else 'random inputs'}; onnxruntime {ort.__version__}, "
@@ -105,12 +106,14 @@ def main() -> None:
 
     int8 = quantized(net, calib, {})
     mixed = quantized(net, calib, mixed_bits(int8))
+    int4 = quantized(net, calib, {name: (4, 8) for name in int8.layer_names})
     tmp = Path(tempfile.mkdtemp(prefix="hmq-bench-"))
     graphs = {
         "float32": (int8, export_onnx(int8, tmp / "float.onnx", calib, as_float=True)),
         "int8 W8A8": (int8, export_onnx(int8, tmp / "int8.onnx", calib)),
         "int8 W8A8 portable": (int8, export_onnx(int8, tmp / "int8_portable.onnx", calib, form="portable")),
         "mixed W4/8 A4/8": (mixed, export_onnx(mixed, tmp / "mixed.onnx", calib)),
+        "int4 W4A8": (int4, export_onnx(int4, tmp / "int4.onnx", calib)),
     }
     sessions, kernels = {}, {}
     for name, (_, info) in graphs.items():
@@ -145,21 +148,25 @@ def main() -> None:
             accuracy[name] = (100 * (out.argmax(1) == y).mean(), 100 * (out.argmax(1) == ref.argmax(1)).mean())
 
     base1, base64 = med[("float32", 1)], med[("float32", 64)]
-    head = f"{'graph':<20} {'file KB':>8} {'QLinearConv':>11} {'b1 ms':>8} {'b64 ms':>8} {'b1 x':>6} {'b64 x':>6}"
+    float_bytes = graphs["float32"][1].onnx_bytes
+    head = (f"{'graph':<20} {'file KB':>8} {'/fp32':>6} {'weight KB':>9} {'QLinearConv':>11} "
+            f"{'b1 ms':>8} {'b64 ms':>8} {'b1 x':>6} {'b64 x':>6}")
     if accuracy:
         head += f" {'top-1':>7} {'agree':>7}"
     print(head)
     print("-" * len(head))
     for name, (qmodel, info) in graphs.items():
         line = (
-            f"{name:<20} {info.onnx_bytes / 1024:8.1f} {kernels[name]:>6}/{len(qmodel.layer_names):<4} "
+            f"{name:<20} {info.onnx_bytes / 1024:8.1f} {info.onnx_bytes / float_bytes:6.3f} {info.weight_bytes / 1024:9.1f} "
+            f"{kernels[name]:>6}/{len(qmodel.layer_names):<4} "
             f"{med[(name, 1)]:8.3f} {med[(name, 64)]:8.2f} {base1 / med[(name, 1)]:6.2f} {base64 / med[(name, 64)]:6.2f}"
         )
         if accuracy:
             top1, agree = accuracy[name]
             line += f" {top1:6.2f}% " + ("      -" if agree is None else f"{agree:6.2f}%")
         print(line)
-    print("x = speed-up over float32 (median latency ratio); agree = top-1 agreement with the PyTorch fixed-state model")
+    print("x = speed-up over float32 (median latency ratio); agree = top-1 agreement with the PyTorch fixed-state model;")
+    print("/fp32 = file size over the float32 graph's; weight KB = the weight initializers (integer containers or float32)")
 
 
 if __name__ == "__main__":
