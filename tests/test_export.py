@@ -195,6 +195,17 @@ def test_containers_zero_points_and_float_pins(mixed_model):
     assert built.overhead_bytes == overhead_bytes(mixed_model, "container")
 
 
+def test_fixed_layers_add_their_bias_on_the_accumulator_grid(mixed_model):
+    """As integer kernels do: an int32 bias in units of s_x * s_w (float inputs keep the float bias)."""
+    for name, layer in mixed_model.layers():
+        bias = layer.effective_bias().detach()
+        if layer.aq.float_pinned or layer.wq.float_pinned:
+            assert torch.equal(bias, layer.bias.detach()), name
+            continue
+        units = bias / (layer.aq.discrete_steps() * layer.wq.discrete_steps())
+        assert torch.equal(units, torch.round(units)), name
+
+
 def test_onnxruntime_runs_the_predicted_integer_kernels(tmp_path, int8_model):
     info = export_onnx(int8_model, tmp_path / "m.onnx", torch.zeros(1, *SHAPE))
     assert info.integer_kernel_layers  # expand.0 -> ReLU6 is not, dw.0 -> ReLU -> project's quantizer is

@@ -53,3 +53,20 @@ def test_whole_graph_latency(tmp_path):
     path = export_onnx(qmodel, tmp_path / "m.onnx", x).path
     for batch in (1, 4):
         assert measure_graph_latency(path, (1, 8, 8), batch=batch, warmup=1, repeats=3) > 0
+
+
+def test_export_times_at_the_tables_batch_and_reports_its_prediction(tmp_path):
+    from hmqsearch.cost.latency import exact_total_latency
+    from hmqsearch.export.stage import export_run
+
+    qmodel, x = _qmodel()
+    table = profile_layers(qmodel, x, batch=4, warmup=1, repeats=2)
+    loader = [(x, torch.randint(0, 10, (len(x),)))]
+    figures = export_run(
+        qmodel, tmp_path, loader, {"latency_repeats": 3, "latency_warmup": 1, "compare_float": False},
+        arch={"_target_": "hmqsearch.models.small_cnn.SmallCNN"}, spec=QuantSpec(weight_bits=[4, 8], act_bits=[4, 8]),
+        latency_table=table,
+    )["export"]
+    assert figures["measured_latency_batch"] == 4
+    assert figures["table_latency_ms"] == exact_total_latency(qmodel, table)
+    assert figures["measured_over_table"] == figures["measured_latency_ms"] / figures["table_latency_ms"]
