@@ -26,7 +26,7 @@ from hmqsearch.cost import latency as lat
 from hmqsearch.cost import size
 from hmqsearch.errors import UserError
 from hmqsearch.export.precision import write_precision
-from hmqsearch.export.stage import export_into_summary
+from hmqsearch.export.stage import export_config, export_into_summary
 from hmqsearch.io import atomic_write, write_json
 from hmqsearch.lit.classifier import ClassifierModule
 from hmqsearch.lit.search import SearchModule
@@ -172,6 +172,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.time()
     spec, budgets = quant_spec(cfg), budget_spec(cfg)
     _check_epochs(cfg)
+    export_config(OmegaConf.to_container(cfg.export, resolve=True))  # export options checked before training
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")

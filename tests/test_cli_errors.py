@@ -24,6 +24,8 @@ CASES = [
     (["cost.latency=magic"], "cost.latency='magic'; allowed: analytic, measured, none"),
     (["budget.latency_ms=0.0000001"], "latency_ms budget 1e-07 ms"),
     (["finetune.epochs=-1"], "finetune.epochs=-1; allowed: an integer >= 0"),
+    (["stage=deploy"], "stage='deploy'; allowed: all, export"),
+    (["export.form=tensorrt"], "export.form='tensorrt'; allowed: onnxruntime, portable"),
 ]
 
 
