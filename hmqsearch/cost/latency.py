@@ -147,15 +147,12 @@ def exact_total_latency(qmodel: QuantModel, table: LatencyTable) -> float:
 
 
 def min_latency(qmodel: QuantModel, table: LatencyTable) -> float:
-    """Table latency with every searched quantizer at its lowest candidate."""
-    return table.overhead_ms + sum(
-        table.lookup(
-            name,
-            None if layer.wq.float_pinned else int(layer.wq.bits.min()),
-            None if layer.aq.float_pinned else int(layer.aq.bits.min()),
-        )
-        for name, layer in qmodel.layers()
-    )
+    """The lowest table latency any assignment can reach: each layer at its fastest candidate.
+
+    On an analytic table that is the lowest precision; on a measured one not always (an 8-bit
+    input can run as an integer kernel where a 4-bit one cannot).
+    """
+    return table.overhead_ms + sum(min(min(row) for row in table.ms[name]) for name, _ in qmodel.layers())
 
 
 LATENCY_MODELS = ("analytic", "measured", "none")
