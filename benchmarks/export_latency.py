@@ -1,13 +1,15 @@
 """onnxruntime latency of CIFAR deployment graphs: float32, all-int8 and mixed precision.
 
     python benchmarks/export_latency.py [--model resnet20|mobilenetv2] [--threads 1] [--rounds 5]
-        [--data ../shared/data]
+        [--data ../shared/data] [--table latency_table.json]
 
 Uses the CIFAR-10 test set and (ResNet-20) the pretrained weights from ``--data`` when
 present (random weights and inputs otherwise; timing does not depend on them).  Every graph is timed
 at batch 1 and 64 in interleaved rounds (the median of all runs is kept), so load from other
 processes affects all graphs alike.  It also reports how many layers onnxruntime runs as
 integer kernels (QLinearConv) and, with data, the graphs' top-1 and agreement with PyTorch.
+With ``--table`` (written by ``hmqsearch profile`` for this model) it also prints the table's
+prediction for each quantized graph beside the measurement at the table's batch.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hmqsearch.cost.latency import LatencyTable, exact_total_latency  # noqa: E402
 from hmqsearch.export.onnx_export import export_onnx  # noqa: E402
 from hmqsearch.models.mobilenetv2_cifar import mobilenetv2_cifar  # noqa: E402
 from hmqsearch.models.pretrained import load_pretrained  # noqa: E402
@@ -90,6 +93,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per graph, batch and round")
     parser.add_argument("--samples", type=int, default=1000, help="test images for top-1 / agreement")
     parser.add_argument("--data", type=Path, default=SHARED, help="shared data folder (cifar10/, weights/)")
+    parser.add_argument("--table", type=Path, help="a measured latency table of this model to compare with")
     args = parser.parse_args()
     weights = args.data / "weights" / "resnet20-12fca82f.th"
 
@@ -165,6 +169,14 @@ def main() -> None:
             top1, agree = accuracy[name]
             line += f" {top1:6.2f}% " + ("      -" if agree is None else f"{agree:6.2f}%")
         print(line)
+    if args.table is not None:
+        table = LatencyTable.load(args.table)
+        print(f"latency table {args.table} ({table.source}): prediction vs measurement at batch {table.batch}")
+        for name, (qmodel, _) in graphs.items():
+            if name != "float32" and table.batch in (1, 64):
+                predicted = exact_total_latency(qmodel, table)
+                measured = med[(name, table.batch)]
+                print(f"  {name:<20} table {predicted:8.2f} ms  measured {measured:8.2f} ms  measured/table {measured / predicted:5.2f}")
     print("x = speed-up over float32 (median latency ratio); agree = top-1 agreement with the PyTorch fixed-state model;")
     print("/fp32 = file size over the float32 graph's; weight KB = the weight initializers (integer containers or float32)")
 
