@@ -18,6 +18,7 @@ final.  Its ``cfg_export`` keys, all optional (defaults in :data:`DEFAULTS`):
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from hmqsearch.cost.latency import LatencyTable, exact_total_latency
+from hmqsearch.cost.latency import LatencyTable, build_latency_table, exact_total_latency
 from hmqsearch.cost.profiler import device_name, measure_graph_latency
 from hmqsearch.errors import UserError
 from hmqsearch.export.onnx_export import FORMS, export_onnx
@@ -274,11 +275,7 @@ def run_export_stage(cfg: Any, out_dir: Path) -> dict[str, Any]:
     """``python train.py stage=export``: export a finished run (``export.run_dir``, written into it)
     or a checkpoint + precision.yaml (``export.checkpoint``, ``export.precision``, written into
     ``out_dir``); returns the summary with the export figures."""
-    import json
-
     from omegaconf import OmegaConf
-
-    from hmqsearch.cost.latency import build_latency_table
 
     e = cfg.export
     if e.get("run_dir"):
