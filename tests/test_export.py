@@ -278,3 +278,20 @@ def test_cli_help_and_bad_input(tmp_path, capsys):
     assert str(bad) in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
     assert cli_main(["export", "--packed", str(tmp_path / "missing.packed.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_all_int4_resnet20_graph_is_under_016_of_float32(tmp_path):
+    """The issue's size target on CIFAR ResNet-20 (random weights: sizes do not depend on values)."""
+    from hmqsearch.models.resnet_cifar import resnet20
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    qmodel = prepare(resnet20(), QuantSpec(weight_bits=[4, 8], act_bits=[8]), x)
+    calibrate_activations(qmodel, [x])
+    for _, layer in qmodel.layers():
+        layer.wq.fix_to(4)
+    qmodel.set_state("fixed")
+    int4 = export_onnx(qmodel.eval(), tmp_path / "int4.onnx", x)
+    fp32 = export_onnx(qmodel, tmp_path / "fp32.onnx", x, as_float=True)
+    assert int4.weight_bytes == sum(exact_weight_bytes(qmodel, "container").values())
+    assert int4.onnx_bytes < 0.16 * fp32.onnx_bytes

@@ -409,6 +409,7 @@ def _expand(traced: onnx.ModelProto, layers: list[DeployedLayer], form: str) -> 
     traced.ir_version = IR_VERSION
     model = onnx.shape_inference.infer_shapes(traced, check_type=True, strict_mode=True)
     onnx.checker.check_model(model, full_check=True)
+    del model.graph.value_info[:]  # checked; runtimes infer shapes themselves, the file stays small
     return BuiltGraph(model, weight_bytes, overhead_bytes, [layers[i].name for i in sorted(fused)])
 
 
