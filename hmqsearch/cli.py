@@ -137,8 +137,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------- parsing
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tolerance", type=float, help="minimum top-1 agreement of the graph in percent (export.tolerance_agreement, default 99)")
-    p.add_argument("--runtime-tolerance", type=float, help="the same for onnxruntime's integer kernels (export.tolerance_runtime_agreement, default 90)")
+    p.add_argument("--tolerance", type=float, help="minimum top-1 agreement of the graph in percent (export.tolerance_agreement, default 99.5)")
+    p.add_argument("--runtime-tolerance", type=float, help="the same for onnxruntime's integer kernels (export.tolerance_runtime_agreement, default 99.5)")
     p.add_argument("--samples", type=int, help="samples to verify on (export.verify_samples)")
 
 
