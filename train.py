@@ -1,37 +1,71 @@
-"""hmqsearch entry point: `python train.py [overrides]`, sweeps with `-m`.
+"""hmqsearch entry point: `python train.py [overrides]`, sweeps with `-m`, `resume=RUN_DIR`.
 
 A user mistake (bad value, missing file, infeasible budget) prints one message, leaves no
-run directory behind, and exits with status 2.
+run directory behind, and exits with status 2. A run stopped during training (non-finite
+loss) prints one message, keeps its checkpoints, and exits with status 1; SIGTERM saves a
+checkpoint and exits with 143. In a multirun, a failed job is recorded in its directory
+(failure.json) and the sweep goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from hmqsearch.errors import UserError
+from hmqsearch.errors import RunHalted, UserError
 from hmqsearch.pipeline import run
+from hmqsearch.resume import resume_argv
+from hmqsearch.sweep import record_failure
 
 log = logging.getLogger("hmqsearch")
+
+
+def _remove_partial_output(cfg: DictConfig, run_dir: Path) -> None:
+    """A fresh run's directory goes; a resumed run's directory stays, less this attempt's config."""
+    if cfg.get("resume"):
+        shutil.rmtree(run_dir / HydraConfig.get().output_subdir, ignore_errors=True)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        try:
+            return run(cfg, run_dir)["quant_top1"]
+        except Exception as exc:  # one failed job must not stop the sweep
+            log.error("job failed: %s", exc)
+            record_failure(run_dir, exc)
+            return math.nan
     try:
         summary = run(cfg, run_dir)
     except UserError as exc:
         print(f"hmqsearch: error: {exc}", file=sys.stderr)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        _remove_partial_output(cfg, run_dir)
         sys.exit(2)
+    except RunHalted as exc:
+        print(f"hmqsearch: stopped: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except SIGTERMException:
+        print(f"hmqsearch: stopped by SIGTERM; continue with: python train.py resume={run_dir}", file=sys.stderr)
+        sys.exit(143)
     return summary["quant_top1"]
 
 
 if __name__ == "__main__":
+    try:
+        sys.argv = resume_argv(sys.argv)
+    except UserError as exc:
+        print(f"hmqsearch: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     main()
