@@ -123,7 +123,8 @@ def _fit(ctx: Context, module: pl.LightningModule, stage: str, monitor: str | No
         monitor, cfg.callbacks.progress_bar, cfg.callbacks.checkpoint_every_n_steps,
     )
     module.train()  # prepared models come back in eval mode; Lightning keeps the mode it finds
-    trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=plan.checkpoint)
+    # Our own checkpoints hold the numpy RNG state, which torch's weights-only loader refuses.
+    trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=plan.checkpoint, weights_only=False)
     best = trainer.checkpoint_callback.best_model_path if monitor else ""
     if best:
         state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
