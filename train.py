@@ -33,11 +33,12 @@ def _remove_partial_output(cfg: DictConfig, run_dir: Path) -> None:
     """A fresh run's directory goes; a resumed run's directory stays, less this attempt's config."""
     if cfg.get("resume"):
         shutil.rmtree(run_dir / HydraConfig.get().output_subdir, ignore_errors=True)
+        Path(HydraConfig.get().job_logging.handlers.file.filename).unlink(missing_ok=True)
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -62,10 +63,15 @@ def main(cfg: DictConfig) -> float | None:
     return summary["quant_top1"]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``train.py``'s command line: ``resume=``/``ckpt_path=`` expand to the original command first."""
     try:
         sys.argv = resume_argv(sys.argv)
     except UserError as exc:
         print(f"hmqsearch: error: {exc}", file=sys.stderr)
         sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -100,6 +101,16 @@ def _check_data_fits_model(net: nn.Module, example: Tensor, num_classes: int, cf
             f"model {cfg.model.net._target_} outputs shape {tuple(out.shape[1:])} but the data has "
             f"{num_classes} classes; set model.net.num_classes={num_classes}"
         )
+
+
+def _instantiate(node: DictConfig) -> Any:
+    """Hydra's instantiate, letting a constructor's UserError through as itself (Hydra wraps it)."""
+    try:
+        return instantiate(node)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, UserError):
+            raise exc.__cause__ from None
+        raise
 
 
 def _optimizer(cfg: DictConfig, stage: str) -> Any:
@@ -190,10 +201,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     spec, budgets = quant_spec(cfg), budget_spec(cfg)
     _check_epochs(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
+    datamodule = _instantiate(cfg.data)
     datamodule.setup("fit")
     num_classes = datamodule.num_classes
-    net: nn.Module = instantiate(cfg.model.net)
+    net: nn.Module = _instantiate(cfg.model.net)
     calib = datamodule.calibration_batches(cfg.search.calibration.batches)
     example = calib[0][:8]
     _check_data_fits_model(net, example, num_classes, cfg)

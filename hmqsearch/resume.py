@@ -86,10 +86,11 @@ def resume_argv(argv: list[str]) -> list[str]:
             f"resume continues {run_dir} with its own overrides ({run_dir / '.hydra' / 'overrides.yaml'}); "
             f"only {', '.join(RESUME_MAY_CHANGE)} settings may change, not: {' '.join(changed)}"
         )
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    attempt = f"resume-{time.strftime('%Y%m%d-%H%M%S')}"  # this attempt's config and log
     return [
         argv[0], *overrides, *extra, f"resume={run_dir}", *([f"ckpt_path={ckpt_path}"] if ckpt_path else []),
-        f"hydra.run.dir={run_dir}", f"hydra.output_subdir=.hydra/resume-{stamp}",
+        f"hydra.run.dir={run_dir}", f"hydra.output_subdir=.hydra/{attempt}",
+        f"hydra.job_logging.handlers.file.filename={run_dir / attempt}.log",
     ]
 
 
