@@ -44,6 +44,7 @@ class NonFiniteGuard(Callback):
     def __init__(self, stage: str, checkpoint_dir: str) -> None:
         self.stage, self.checkpoint_dir = stage, checkpoint_dir
         self._inputs: Tensor | None = None
+        self._loss_problem: tuple[str, str | None] | None = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._inputs = batch[0] if isinstance(batch, (list, tuple)) else None
@@ -60,9 +61,16 @@ class NonFiniteGuard(Callback):
             return
         model = getattr(pl_module, "model", pl_module)
         layer = first_nonfinite_layer(model, self._inputs) if self._inputs is not None else None
-        self._halt(trainer, f"loss ({loss.item()})", layer)
+        self._loss_problem = (f"loss ({loss.item()})", layer)
+        if trainer.world_size == 1:
+            self._halt(trainer, *self._loss_problem)
+        # Under DDP the loss is per rank: halting here alone would leave the other ranks waiting in
+        # the gradient all-reduce. The all-reduced gradients are non-finite on every rank, so
+        # every rank stops together in on_before_optimizer_step.
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         for name, p in pl_module.named_parameters():
             if p.grad is not None and not torch.isfinite(p.grad).all():
+                if self._loss_problem is not None:
+                    self._halt(trainer, *self._loss_problem)
                 self._halt(trainer, f"gradient (parameter {name})", name.rsplit(".", 1)[0].removeprefix("model."))
