@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,5 +40,3 @@ def test_sweep_with_a_failing_run_completes_the_others(tmp_path):
     assert len(run_ids) == 3
     assert not (sweep_dir / "2" / "wandb").exists()
 
-
-pytestmark = pytest.mark.slow  # 4 runs with wandb: about 2 minutes on 2 CPU cores
