@@ -14,6 +14,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -28,13 +29,16 @@ from hmqsearch.errors import UserError
 from hmqsearch.export.precision import write_precision
 from hmqsearch.export.stage import export_config, export_into_summary
 from hmqsearch.io import atomic_write, write_json
+from hmqsearch.lit.checkpointing import LAST
 from hmqsearch.lit.classifier import ClassifierModule
+from hmqsearch.lit.ddp import is_rank_zero, rank_disagreement, world_size
 from hmqsearch.lit.search import SearchModule
 from hmqsearch.lit.trainer import RunLoggers, make_trainer
 from hmqsearch.models.pretrained import load_pretrained
 from hmqsearch.quant.calibrate import calibrate_activations
 from hmqsearch.quant.prepare import Pin, QuantModel, QuantSpec, prepare
 from hmqsearch.report.table import print_final_table
+from hmqsearch.resume import STAGES, Resume, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ class Context:
     loggers: RunLoggers
     datamodule: pl.LightningDataModule
     num_classes: int
+    resume: Resume
 
 
 def quant_spec(cfg: DictConfig) -> QuantSpec:
@@ -99,23 +104,47 @@ def _check_data_fits_model(net: nn.Module, example: Tensor, num_classes: int, cf
         )
 
 
+def _instantiate(node: DictConfig) -> Any:
+    """Hydra's instantiate, letting a constructor's UserError through as itself (Hydra wraps it)."""
+    try:
+        return instantiate(node)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, UserError):
+            raise exc.__cause__ from None
+        raise
+
+
 def _optimizer(cfg: DictConfig, stage: str) -> Any:
     return instantiate(cfg[stage].optimizer)
 
 
 def _fit(ctx: Context, module: pl.LightningModule, stage: str, monitor: str | None) -> None:
     cfg = ctx.cfg
+    pl.seed_everything(cfg.seed + STAGES.index(stage), workers=True)  # a stage's noise does not depend on skipped stages
+    plan = ctx.resume.plan(stage)
+    if plan.action == "done":
+        if plan.checkpoint is not None:
+            module.load_state_dict(load_checkpoint(plan.checkpoint, module, stage)["state_dict"])
+        log.info("%s: finished before the resume; loaded %s", stage, plan.checkpoint)
+        return
+    if plan.checkpoint is not None:
+        load_checkpoint(plan.checkpoint, module, stage)
+        log.info("%s: continuing from %s", stage, plan.checkpoint)
     trainer = make_trainer(
         cfg.trainer, stage, ctx.run_dir, ctx.loggers.for_stage(stage), cfg[stage].epochs,
-        monitor, cfg.callbacks.progress_bar,
+        monitor, cfg.callbacks.progress_bar, cfg.callbacks.checkpoint_every_n_steps,
     )
     module.train()  # prepared models come back in eval mode; Lightning keeps the mode it finds
-    trainer.fit(module, datamodule=ctx.datamodule)
+    # Our own checkpoints hold the numpy RNG state, which torch's weights-only loader refuses.
+    trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=plan.checkpoint, weights_only=False)
     best = trainer.checkpoint_callback.best_model_path if monitor else ""
     if best:
         state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
         log.info("%s: restored best checkpoint %s", stage, best)
+    if trainer.is_global_zero:
+        final = Path(best) if best else ctx.resume.stage_dir(stage) / LAST
+        ctx.resume.mark_done(stage, final.name if final.is_file() else None)
 
 
 def pretrain(ctx: Context, net: nn.Module) -> None:
@@ -174,10 +203,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     _check_epochs(cfg)
     export_config(OmegaConf.to_container(cfg.export, resolve=True))  # export options checked before training
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
+    datamodule = _instantiate(cfg.data)
     datamodule.setup("fit")
     num_classes = datamodule.num_classes
-    net: nn.Module = instantiate(cfg.model.net)
+    net: nn.Module = _instantiate(cfg.model.net)
     calib = datamodule.calibration_batches(cfg.search.calibration.batches)
     example = calib[0][:8]
     _check_data_fits_model(net, example, num_classes, cfg)
@@ -189,7 +218,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     pretrained_meta = load_pretrained(net, cfg.model.pretrained) if cfg.model.pretrained else None
     loggers = RunLoggers(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
-    ctx = Context(cfg, run_dir, loggers, datamodule, num_classes)
+    ctx = Context(cfg, run_dir, loggers, datamodule, num_classes, Resume.from_cfg(cfg, run_dir))
     timings: dict[str, float] = {}
     exit_code = 1
     try:
@@ -212,6 +241,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
         t0 = time.time()
         search_module = search(ctx, qmodel, constraints)
+        disagreement = rank_disagreement({
+            "logits": torch.cat([p.reshape(-1) for p in qmodel.logit_parameters()]),
+            "duals": search_module.duals.values, "tau": torch.tensor([search_module.tau]),
+        })
         steps = repair(qmodel, constraints)
         filled = fill(qmodel, constraints) if cfg.search.fill_budget else []
         timings["search_s"] = time.time() - t0
@@ -246,7 +279,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "activation_ranges": ranges,
             "timings": {**timings, "total_s": time.time() - started},
             "pretrained": cfg.model.pretrained,
+            "world_size": world_size(),
+            "rank_disagreement": disagreement,
         }
+        if not is_rank_zero():  # DDP: rank 0 alone writes the artifacts
+            exit_code = 0
+            return summary
         write_precision(
             run_dir / "precision.yaml", qmodel,
             budgets=budget_entries,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from hmqsearch.data.sampler import EpochShuffleSampler
 from hmqsearch.errors import UserError
 
 # The pretrained CIFAR ResNets were trained with the ImageNet statistics, not CIFAR's own.
@@ -111,29 +112,51 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.calib_set: Dataset | None = None
+        self._resume_position: dict[str, int] | None = None
 
-    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, batch_size: int) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its loaders are asked for")
         return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            # Seeds the shuffling and the workers' base seed, hence the augmentation in workers.
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        """Shuffled by an :class:`EpochShuffleSampler`: the order is a function of (seed, epoch),
+        and a checkpoint taken mid-epoch resumes at the next unseen batch."""
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its loaders are asked for")
+        sampler = EpochShuffleSampler(len(self.train_set), self.seed)
+        if self._resume_position is not None:
+            position, self._resume_position = self._resume_position, None
+            n_batches = -(-len(self.train_set) // self.batch_size)
+            if position["batches_done"] >= n_batches:  # saved at the end of an epoch
+                sampler.resume_at(position["epoch"] + 1, 0)
+            else:
+                sampler.resume_at(position["epoch"], position["batches_done"] * self.batch_size)
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, sampler=sampler, generator=sampler.generator,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the data (saved in every Lightning checkpoint)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training or trainer.world_size > 1:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_position = dict(state) if state else None
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+        return self._loader(self.val_set, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+        return self._loader(self.test_set, self.eval_batch_size)
 
     def calibration_batches(self, n_batches: int) -> list[Tensor]:
         """``n_batches`` batches (``batch_size`` each, fewer if the set is small) of unaugmented

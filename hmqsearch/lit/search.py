@@ -71,9 +71,16 @@ class SearchModule(ClassifierModule):
             self.log(f"cost/{c.name}_violation", vi)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_after_backward(self) -> None:
+        """Dual ascent after the primal gradient, inside the step: a checkpoint taken at the end of
+        the batch already holds the updated duals. Under DDP the violations are averaged over the
+        ranks (they are equal anyway: computed from the synchronised logits), so every rank takes
+        the same dual step."""
         if self._violations is not None:
-            self.duals.ascend(self._violations)
+            self.duals.ascend(self.trainer.strategy.reduce(self._violations, reduce_op="mean"))
+            self._violations = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         for name, value in self.duals.as_dict().items():
             self.log(f"dual/{name}", value, prog_bar=True)
 

@@ -11,6 +11,8 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint, RichProgressB
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 from hmqsearch.errors import UserError
+from hmqsearch.lit.checkpointing import AtomicCheckpointIO, CheckpointOnSigterm, RngState, step_checkpoint
+from hmqsearch.lit.guards import NonFiniteGuard
 
 LOGGERS = ("wandb", "csv", "none")
 
@@ -54,20 +56,32 @@ class RunLoggers:
 
 def make_trainer(
     trainer_cfg: DictConfig, stage: str, run_dir: Path, logger: Logger | bool, epochs: int,
-    monitor: str | None, progress_bar: bool,
+    monitor: str | None, progress_bar: bool, checkpoint_every_n_steps: int = 0,
 ) -> pl.Trainer:
-    """A Trainer for one stage, checkpointing into ``run_dir/checkpoints/<stage>``."""
+    """A Trainer for one stage, checkpointing into ``run_dir/checkpoints/<stage>``.
+
+    ``last.ckpt`` is written at every epoch end, every ``checkpoint_every_n_steps`` steps (0: never
+    mid-epoch) and on SIGTERM, always atomically; it carries the RNG state and the position in
+    the data, so ``trainer.fit(ckpt_path=last.ckpt)`` continues exactly.
+    """
+    ckpt_dir = run_dir / "checkpoints" / stage
     callbacks: list[Callback] = [
         ModelCheckpoint(
-            dirpath=run_dir / "checkpoints" / stage,
+            dirpath=ckpt_dir,
             filename="best" if monitor else "epoch{epoch}",
             monitor=monitor, mode="max", save_last=True, auto_insert_metric_name=False,
-        )
+            enable_version_counter=False,  # the step callback writes last.ckpt too: overwrite, never last-v1
+        ),
+        RngState(),
+        CheckpointOnSigterm(ckpt_dir),
+        NonFiniteGuard(stage, str(ckpt_dir)),
     ]
+    if checkpoint_every_n_steps:
+        callbacks.append(step_checkpoint(ckpt_dir, checkpoint_every_n_steps))
     if progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
     return pl.Trainer(
-        **kwargs, max_epochs=epochs, logger=logger, callbacks=callbacks,
+        **kwargs, max_epochs=epochs, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress_bar, default_root_dir=str(run_dir), enable_model_summary=False,
     )
