@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from hmqsearch.baselines import assign_fixed, baseline_spec, parse_method
 from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.constrained.repair import fill, repair
@@ -169,7 +170,8 @@ def _costs(qmodel: QuantModel, budgets: BudgetSpec, table: lat.LatencyTable | No
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run every stage and write ``precision.yaml`` and ``summary.json`` into ``run_dir``."""
     started = time.time()
-    spec, budgets = quant_spec(cfg), budget_spec(cfg)
+    method = parse_method(cfg.method.name, cfg.method.get("precision"))
+    spec, budgets = baseline_spec(quant_spec(cfg), method), budget_spec(cfg)
     _check_epochs(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -180,10 +182,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     example = calib[0][:8]
     _check_data_fits_model(net, example, num_classes, cfg)
 
-    # Budgets are checked on the structure alone, before any training.
-    probe = prepare(net, spec, example)
-    build_constraints(probe, budgets, _latency_table(probe, cfg))
-    del probe
+    if not method.is_baseline:  # budgets are checked on the structure alone, before any training
+        probe = prepare(net, spec, example)
+        build_constraints(probe, budgets, _latency_table(probe, cfg))
+        del probe
 
     pretrained_meta = load_pretrained(net, cfg.model.pretrained) if cfg.model.pretrained else None
     loggers = RunLoggers(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
@@ -205,25 +207,34 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             qmodel, calib, cfg.search.calibration.method, cfg.search.calibration.percentile
         )
         table = _latency_table(qmodel, cfg)
-        constraints = build_constraints(qmodel, budgets, table)
+        constraints = [] if method.is_baseline else build_constraints(qmodel, budgets, table)
         timings["calibrate_s"] = time.time() - t0
 
         t0 = time.time()
-        search_module = search(ctx, qmodel, constraints)
-        steps = repair(qmodel, constraints)
-        filled = fill(qmodel, constraints) if cfg.search.fill_budget else []
+        if method.is_baseline:
+            assign_fixed(qmodel, method)
+            qmodel.set_state("fixed")
+            duals, steps, filled = {}, [], []
+        else:
+            duals = search(ctx, qmodel, constraints).duals.as_dict()
+            steps = repair(qmodel, constraints)
+            filled = fill(qmodel, constraints) if cfg.search.fill_budget else []
         timings["search_s"] = time.time() - t0
         search_top1 = evaluate(qmodel, test_loader, num_classes)
 
         t0 = time.time()
-        finetune(ctx, qmodel)
-        timings["finetune_s"] = time.time() - t0
-        quant_top1 = evaluate(qmodel, test_loader, num_classes)
+        if method.trains:
+            finetune(ctx, qmodel)
+            timings["finetune_s"] = time.time() - t0
+        quant_top1 = evaluate(qmodel, test_loader, num_classes) if method.trains else search_top1
 
         costs = _costs(qmodel, budgets, table)
         budget_entries = {c.name: {"budget": c.budget, "exact": c.exact(), "unit": c.unit} for c in constraints}
-        feasible = all(c.satisfied() for c in constraints)
+        feasible = None if method.is_baseline else all(c.satisfied() for c in constraints)
         summary = {
+            "method": {"name": method.name, "label": method.label, "weight_bits": method.weight_bits,
+                       "act_bits": method.act_bits, "calibration": cfg.search.calibration.method,
+                       "percentile": cfg.search.calibration.percentile},
             "float_top1": float_top1,
             "search_top1": search_top1,
             "quant_top1": quant_top1,
@@ -238,7 +249,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "expected_latency": costs["expected_latency"],
             "exact_latency": costs["exact_latency"],
             "budget_latency_ms": budget_entries.get("latency_ms", {}).get("budget"),
-            "duals": search_module.duals.as_dict(),
+            "duals": duals,
             "repair": [s.__dict__ for s in steps],
             "fill": [s.__dict__ for s in filled],
             "activation_ranges": ranges,
