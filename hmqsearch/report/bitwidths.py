@@ -33,7 +33,7 @@ def bitwidth_chart(precision_path: Path, out: Path, title: str | None = None) ->
             ax.annotate("fp" if b is None else str(b), (xi, b or 0), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(0, 9))
-    ax.set_ylim(0, 9.2)
+    ax.set_ylim(0, 10)
     ax.set_ylabel("bits")
     ax.set_title(title or f"Per-layer bit-widths: {precision_path.parent.name}")
     ax.legend(loc="upper right", fontsize=8, ncols=2)

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from hmqsearch.report.runs import Run  # noqa: E402
 
@@ -94,6 +95,10 @@ def pareto_plot(runs: list[Run], path: Path, title: str = "Test top-1 vs packed 
         ax.annotate(f"float32 {float_top1:.2f} %", (0.01, float_top1), xycoords=("axes fraction", "data"),
                     textcoords="offset points", xytext=(0, 4), fontsize=8, color="grey")
     ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_ylim(bottom=floor - 0.5, top=(float_top1 or max(trained)) + 1.0)
     ax.set_xlabel("packed weight size (KiB, log scale)")
     ax.set_ylabel("test top-1 (%)")
