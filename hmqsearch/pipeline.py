@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from hmqsearch.baselines import assign_fixed, baseline_spec, parse_method
+from hmqsearch.baselines import Method, assign_fixed, baseline_spec, parse_method
 from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.constrained.repair import fill, repair
@@ -48,7 +48,14 @@ class Context:
     num_classes: int
 
 
+def run_method(cfg: DictConfig) -> Method:
+    """The search or a baseline (``method=``); configs written before baselines existed mean the search."""
+    method = cfg.get("method")
+    return parse_method(method.name, method.get("precision")) if method else Method("hmq")
+
+
 def quant_spec(cfg: DictConfig) -> QuantSpec:
+    """The quantization spec of the run, narrowed to a baseline's single precision."""
     s = cfg.search
     pins = [Pin(**p) for p in (OmegaConf.to_container(s.pins, resolve=True) if s.get("pins") else [])]
     spec = QuantSpec(
@@ -57,7 +64,7 @@ def quant_spec(cfg: DictConfig) -> QuantSpec:
         pins=pins, fold_bn=s.fold_bn,
     )
     spec.validate()
-    return spec
+    return baseline_spec(spec, run_method(cfg))
 
 
 def budget_spec(cfg: DictConfig) -> BudgetSpec:
@@ -170,8 +177,8 @@ def _costs(qmodel: QuantModel, budgets: BudgetSpec, table: lat.LatencyTable | No
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run every stage and write ``precision.yaml`` and ``summary.json`` into ``run_dir``."""
     started = time.time()
-    method = parse_method(cfg.method.name, cfg.method.get("precision"))
-    spec, budgets = baseline_spec(quant_spec(cfg), method), budget_spec(cfg)
+    method = run_method(cfg)
+    spec, budgets = quant_spec(cfg), budget_spec(cfg)
     _check_epochs(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)

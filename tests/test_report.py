@@ -75,3 +75,12 @@ def test_report_lists_failed_runs_and_rejects_a_missing_folder(sweep: Path, tmp_
     assert "Failed or incomplete runs" in text and "method=uniform" in text
     assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
     assert "hmqsearch: error: run folder" in capsys.readouterr().err
+
+
+def test_baseline_runs_reload_with_their_own_precision(sweep: Path):
+    """A finished baseline run rebuilds for export: its spec holds the method's single precision."""
+    from hmqsearch.export.precision import assignment
+    from hmqsearch.export.stage import load_run
+
+    layers = assignment(load_run(sweep / "1").qmodel)
+    assert {e["weight"]["bits"] for e in layers.values()} == {4}
