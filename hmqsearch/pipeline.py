@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from hmqsearch.baselines import Method, assign_fixed, baseline_spec, parse_method
 from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.constrained.repair import fill, repair
@@ -53,7 +54,14 @@ class Context:
     resume: Resume
 
 
+def run_method(cfg: DictConfig) -> Method:
+    """The search or a baseline (``method=``); configs written before baselines existed mean the search."""
+    method = cfg.get("method")
+    return parse_method(method.name, method.get("precision")) if method else Method("hmq")
+
+
 def quant_spec(cfg: DictConfig) -> QuantSpec:
+    """The quantization spec of the run, narrowed to a baseline's single precision."""
     s = cfg.search
     pins = [Pin(**p) for p in (OmegaConf.to_container(s.pins, resolve=True) if s.get("pins") else [])]
     spec = QuantSpec(
@@ -62,7 +70,7 @@ def quant_spec(cfg: DictConfig) -> QuantSpec:
         pins=pins, fold_bn=s.fold_bn,
     )
     spec.validate()
-    return spec
+    return baseline_spec(spec, run_method(cfg))
 
 
 def budget_spec(cfg: DictConfig) -> BudgetSpec:
@@ -199,6 +207,7 @@ def _costs(qmodel: QuantModel, budgets: BudgetSpec, table: lat.LatencyTable | No
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run every stage and write ``precision.yaml`` and ``summary.json`` into ``run_dir``."""
     started = time.time()
+    method = run_method(cfg)
     spec, budgets = quant_spec(cfg), budget_spec(cfg)
     _check_epochs(cfg)
     export_config(OmegaConf.to_container(cfg.export, resolve=True))  # export options checked before training
@@ -211,10 +220,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     example = calib[0][:8]
     _check_data_fits_model(net, example, num_classes, cfg)
 
-    # Budgets are checked on the structure alone, before any training.
-    probe = prepare(net, spec, example)
-    build_constraints(probe, budgets, _latency_table(probe, cfg))
-    del probe
+    if not method.is_baseline:  # budgets are checked on the structure alone, before any training
+        probe = prepare(net, spec, example)
+        build_constraints(probe, budgets, _latency_table(probe, cfg))
+        del probe
 
     pretrained_meta = load_pretrained(net, cfg.model.pretrained) if cfg.model.pretrained else None
     loggers = RunLoggers(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
@@ -236,29 +245,39 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             qmodel, calib, cfg.search.calibration.method, cfg.search.calibration.percentile
         )
         table = _latency_table(qmodel, cfg)
-        constraints = build_constraints(qmodel, budgets, table)
+        constraints = [] if method.is_baseline else build_constraints(qmodel, budgets, table)
         timings["calibrate_s"] = time.time() - t0
 
         t0 = time.time()
-        search_module = search(ctx, qmodel, constraints)
-        disagreement = rank_disagreement({
-            "logits": torch.cat([p.reshape(-1) for p in qmodel.logit_parameters()]),
-            "duals": search_module.duals.values, "tau": torch.tensor([search_module.tau]),
-        })
-        steps = repair(qmodel, constraints)
-        filled = fill(qmodel, constraints) if cfg.search.fill_budget else []
+        if method.is_baseline:
+            assign_fixed(qmodel, method)
+            qmodel.set_state("fixed")
+            duals, steps, filled, disagreement = {}, [], [], None
+        else:
+            search_module = search(ctx, qmodel, constraints)
+            duals = search_module.duals.as_dict()
+            disagreement = rank_disagreement({
+                "logits": torch.cat([p.reshape(-1) for p in qmodel.logit_parameters()]),
+                "duals": search_module.duals.values, "tau": torch.tensor([search_module.tau]),
+            })
+            steps = repair(qmodel, constraints)
+            filled = fill(qmodel, constraints) if cfg.search.fill_budget else []
         timings["search_s"] = time.time() - t0
         search_top1 = evaluate(qmodel, test_loader, num_classes)
 
         t0 = time.time()
-        finetune(ctx, qmodel)
-        timings["finetune_s"] = time.time() - t0
-        quant_top1 = evaluate(qmodel, test_loader, num_classes)
+        if method.trains:
+            finetune(ctx, qmodel)
+            timings["finetune_s"] = time.time() - t0
+        quant_top1 = evaluate(qmodel, test_loader, num_classes) if method.trains else search_top1
 
         costs = _costs(qmodel, budgets, table)
         budget_entries = {c.name: {"budget": c.budget, "exact": c.exact(), "unit": c.unit} for c in constraints}
-        feasible = all(c.satisfied() for c in constraints)
+        feasible = None if method.is_baseline else all(c.satisfied() for c in constraints)
         summary = {
+            "method": {"name": method.name, "label": method.label, "weight_bits": method.weight_bits,
+                       "act_bits": method.act_bits, "calibration": cfg.search.calibration.method,
+                       "percentile": cfg.search.calibration.percentile},
             "float_top1": float_top1,
             "search_top1": search_top1,
             "quant_top1": quant_top1,
@@ -273,7 +292,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "expected_latency": costs["expected_latency"],
             "exact_latency": costs["exact_latency"],
             "budget_latency_ms": budget_entries.get("latency_ms", {}).get("budget"),
-            "duals": search_module.duals.as_dict(),
+            "duals": duals,
             "repair": [s.__dict__ for s in steps],
             "fill": [s.__dict__ for s in filled],
             "activation_ranges": ranges,

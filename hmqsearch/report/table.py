@@ -38,7 +38,8 @@ def print_final_table(qmodel: QuantModel, summary: dict[str, Any], layer_bytes: 
         budget_ms = summary.get("budget_latency_ms")
         result.add_row(f"latency ({summary['latency_model']})", f"{summary['exact_latency']:.4g} ms"
                        + (f" / budget {budget_ms:.4g} ms" if budget_ms is not None else ""))
-    result.add_row("feasible", "yes" if summary["feasible"] else "NO")
+    result.add_row("method", summary["method"]["label"])
+    result.add_row("feasible", {True: "yes", False: "NO", None: "no budget (baseline)"}[summary["feasible"]])
     result.add_row("test top-1 float", f"{summary['float_top1']:.2f} %")
     result.add_row("test top-1 quantized", f"{summary['quant_top1']:.2f} %"
                    f" ({summary['quant_top1'] - summary['float_top1']:+.2f})")

@@ -1,0 +1,123 @@
+"""Time one training step (forward + backward + optimizer) of the float model, of the HMQ
+search and of the fine-tune, on the same batch, in one run, and print the ratios vs float.
+
+* float     the pretrained-architecture network with BN, SGD
+* search    HMQ on weights and activations (Gumbel-Softmax, expected step), the Lagrangian of
+            an 8x packed weight budget, Adam on weights and logits, then the dual ascent
+* finetune  the searched model with its assignment frozen (argmax schemes), SGD
+
+Medians over --steps after --warmup steps.  Default: CIFAR ResNet-20, batch 128, CPU, random
+data shaped like CIFAR-10 (the step time does not depend on the pixel values).
+
+    python benchmarks/search_speed.py                     # ResNet-20, batch 128
+    python benchmarks/search_speed.py --profile 5         # plus a torch.profiler table of the search step
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hmqsearch.constrained.budgets import BudgetSpec, build_constraints  # noqa: E402
+from hmqsearch.constrained.dual import DualVariables  # noqa: E402
+from hmqsearch.models import resnet_cifar  # noqa: E402
+from hmqsearch.quant.calibrate import calibrate_activations  # noqa: E402
+from hmqsearch.quant.prepare import QuantSpec, prepare  # noqa: E402
+
+
+def median_seconds(step: Callable[[], None], warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_steps(depth: int, batch: int) -> dict[str, Callable[[], None]]:
+    """The three training steps, each on the same fixed batch."""
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    net = getattr(resnet_cifar, f"resnet{depth}")(num_classes=10).train()
+    float_opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+
+    def float_step() -> None:
+        float_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+        float_opt.step()
+
+    qmodel = prepare(net, QuantSpec(weight_bits=[2, 3, 4, 5, 6, 7, 8], act_bits=[4, 8]), x[:8])
+    calibrate_activations(qmodel, [x])
+    constraints = build_constraints(qmodel, BudgetSpec(weight_compression=8), None)
+    duals = DualVariables([c.name for c in constraints], lr=0.05)
+    qmodel.set_state("search")
+    qmodel.set_tau(1.0)
+    qmodel.train()
+    search_opt = torch.optim.Adam([
+        {"params": qmodel.weight_parameters(), "lr": 1e-5},
+        {"params": qmodel.logit_parameters(), "lr": 0.02},
+    ])
+
+    def search_step() -> None:
+        search_opt.zero_grad(set_to_none=True)
+        v = torch.stack([c.violation() for c in constraints])
+        (F.cross_entropy(qmodel(x), y) + duals.lagrangian_term(v)).backward()
+        search_opt.step()
+        duals.ascend(v.detach())
+
+    fine_opt = torch.optim.SGD(qmodel.weight_parameters(), lr=1e-3, momentum=0.9)
+
+    def finetune_step() -> None:
+        if qmodel.net.conv1.wq.state != "fixed":  # switch once, after the search timings
+            qmodel.set_state("fixed")
+            for p in qmodel.logit_parameters():
+                p.requires_grad_(False)
+        fine_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(qmodel(x), y).backward()
+        fine_opt.step()
+
+    return {"float": float_step, "search": search_step, "finetune": finetune_step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=20, choices=(20, 32, 44, 56))
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--profile", type=int, default=0, help="profile this many search steps (torch.profiler)")
+    args = parser.parse_args()
+
+    steps = make_steps(args.depth, args.batch)
+    times = {name: median_seconds(step, args.warmup, args.steps) for name, step in steps.items()}
+
+    table = Table(title=f"Training step, ResNet-{args.depth}, batch {args.batch}, CPU, "
+                        f"{torch.get_num_threads()} threads, median of {args.steps} after {args.warmup} warm-up")
+    for col in ("step", "ms", "x float"):
+        table.add_column(col, justify="left" if col == "step" else "right")
+    for name, seconds in times.items():
+        table.add_row(name, f"{1000 * seconds:.0f}", f"{seconds / times['float']:.2f}")
+    Console().print(table)
+
+    if args.profile:
+        steps = make_steps(args.depth, args.batch)
+        with torch.profiler.profile() as prof:
+            for _ in range(args.profile):
+                steps["search"]()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Accuracy against packed weight size: a Markdown table and a PNG plot of a sweep's runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+
+from hmqsearch.report.runs import Run  # noqa: E402
+
+STYLE = {  # method -> (marker, colour, legend name)
+    "hmq": ("o", "tab:blue", "HMQ search"),
+    "uniform": ("s", "tab:orange", "uniform QAT"),
+    "ptq": ("^", "tab:green", "PTQ (no training)"),
+}
+
+
+def _kib(run: Run) -> float:
+    return run.summary["weight_bytes_packed"] / 1024
+
+
+def baselines_at_least_as_large(run: Run, runs: list[Run]) -> list[Run]:
+    """Complete baseline runs whose packed weights are at least as large as ``run``'s."""
+    size = run.summary["weight_bytes_packed"]
+    return [r for r in runs if r.complete and r.method != "hmq" and r.summary["weight_bytes_packed"] >= size]
+
+
+def _versus(run: Run, runs: list[Run]) -> str:
+    if run.method != "hmq":
+        return ""
+    rivals = baselines_at_least_as_large(run, runs)
+    if not rivals:
+        return "no baseline this large"
+    best = max(rivals, key=lambda r: r.summary["quant_top1"])
+    margin = run.summary["quant_top1"] - best.summary["quant_top1"]
+    verdict = "beats all" if margin > 0 else "does NOT beat all"
+    return f"{verdict} {len(rivals)} (best: {best.label}, {best.summary['quant_top1']:.2f} %, {margin:+.2f})"
+
+
+def _ordered(runs: list[Run]) -> list[Run]:
+    order = {m: i for i, m in enumerate(STYLE)}
+    return sorted(runs, key=lambda r: (order.get(r.method, 9), -r.summary["weight_bytes_packed"]))
+
+
+def markdown_table(runs: list[Run]) -> str:
+    """One row per complete run, then a list of the failed or incomplete ones."""
+    done = _ordered([r for r in runs if r.complete])
+    lines = [
+        "| run | method | packed weight bytes | compression | test top-1 | vs float | before fine-tune "
+        "| feasible | wall time | vs baselines of equal or larger size |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |",
+    ]
+    for r in done:
+        s = r.summary
+        budget = f" (budget {s['budget_weight_bytes']:,.0f})" if s.get("budget_weight_bytes") else ""
+        feasible = {True: "yes", False: "NO", None: "no budget"}[s.get("feasible")]
+        lines.append(
+            f"| {r.path.name} | {r.label} | {s['weight_bytes_packed']:,}{budget} | {s['compression_packed']:.2f}x "
+            f"| {s['quant_top1']:.2f} % | {s['quant_top1'] - s['float_top1']:+.2f} | {s['search_top1']:.2f} % "
+            f"| {feasible} | {s['timings']['total_s'] / 60:.1f} min | {_versus(r, runs)} |"
+        )
+    if done:
+        lines.append(f"\nFloat model: {done[0].summary['float_top1']:.2f} % test top-1, "
+                     f"{done[0].summary['float_weight_bytes']:,} weight bytes (float32).")
+    failed = [r for r in runs if not r.complete]
+    if failed:
+        lines.append("\nFailed or incomplete runs:\n")
+        lines += [f"- {r.path}: {r.problem}; overrides: {' '.join(r.overrides) or '(none)'}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(runs: list[Run], path: Path, title: str = "Test top-1 vs packed weight size") -> Path:
+    """Top-1 against packed weight KiB (log axis); points far below the rest sit on the bottom edge."""
+    done = [r for r in runs if r.complete]
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    float_top1 = done[0].summary["float_top1"] if done else None
+    trained = [r.summary["quant_top1"] for r in done if r.method != "ptq"] or [r.summary["quant_top1"] for r in done]
+    floor = min(trained + [float_top1 or 100.0]) - 2.0
+    for method, (marker, colour, name) in STYLE.items():
+        pts = sorted((r for r in done if r.method == method), key=_kib)
+        if not pts:
+            continue
+        xs, ys = [_kib(r) for r in pts], [r.summary["quant_top1"] for r in pts]
+        ax.plot(xs, [max(y, floor) for y in ys], marker=marker, color=colour, label=name,
+                linestyle="-" if method == "hmq" else "none", markersize=8)
+        for r, x, y in zip(pts, xs, ys):
+            text = r.label.replace("PTQ ", "").replace("uniform ", "") + (f" ({y:.1f} %)" if y < floor else "")
+            ax.annotate(text, (x, max(y, floor)), textcoords="offset points", xytext=(6, 4), fontsize=8, color=colour)
+    if float_top1 is not None:
+        ax.axhline(float_top1, color="grey", linestyle="--", linewidth=1)
+        ax.annotate(f"float32 {float_top1:.2f} %", (0.01, float_top1), xycoords=("axes fraction", "data"),
+                    textcoords="offset points", xytext=(0, 4), fontsize=8, color="grey")
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_ylim(bottom=floor - 0.5, top=(float_top1 or max(trained)) + 1.0)
+    ax.set_xlabel("packed weight size (KiB, log scale)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(title + ("\n(points below the axis are drawn on it, their accuracy in brackets)"
+                          if any(r.summary["quant_top1"] < floor for r in done) else ""))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,82 @@
+"""Collect the runs of one or more Hydra (multi)run folders: summary, overrides, status."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hmqsearch.errors import UserError
+
+
+@dataclass
+class Run:
+    """One run folder. ``summary`` is None for a failed or unfinished run (no summary.json)."""
+
+    path: Path
+    overrides: list[str] = field(default_factory=list)
+    summary: dict[str, Any] | None = None
+    problem: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.summary is not None
+
+    @property
+    def method(self) -> str:
+        return (self.summary or {}).get("method", {}).get("name", "hmq")
+
+    @property
+    def label(self) -> str:
+        """Short name in tables and plots: the budget for the search, precision (+ calibration) for baselines."""
+        s = self.summary or {}
+        m = s.get("method", {})
+        if self.method == "hmq":
+            budget = s.get("budget_weight_bytes")
+            compression = s.get("float_weight_bytes", 0) / budget if budget else None
+            return f"HMQ {compression:.0f}x" if compression else "HMQ"
+        precision = f"W{m.get('weight_bits')}A{m.get('act_bits')}"
+        if self.method == "uniform":
+            return f"uniform {precision}"
+        calib = m.get("calibration", "")
+        if calib == "percentile":
+            calib = f"p{m.get('percentile')}"
+        return f"PTQ {precision} {calib}"
+
+
+def _is_run(path: Path) -> bool:
+    return (path / ".hydra").is_dir() or (path / "summary.json").is_file()
+
+
+def _read_run(path: Path) -> Run:
+    run = Run(path)
+    overrides = path / ".hydra" / "overrides.yaml"
+    if overrides.is_file():
+        run.overrides = [str(o) for o in (yaml.safe_load(overrides.read_text()) or [])]
+    summary = path / "summary.json"
+    if not summary.is_file():
+        run.problem = "no summary.json (failed or still running)"
+        return run
+    try:
+        run.summary = json.loads(summary.read_text())
+    except json.JSONDecodeError as exc:
+        run.problem = f"unreadable summary.json: {exc}"
+    return run
+
+
+def collect_runs(folders: list[Path]) -> list[Run]:
+    """Every run in ``folders``: each folder is a run itself or holds runs one level down."""
+    runs: list[Run] = []
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"run folder {folder} does not exist")
+        paths = [folder] if _is_run(folder) else sorted(
+            (p for p in folder.iterdir() if p.is_dir() and _is_run(p)), key=lambda p: (len(p.name), p.name)
+        )
+        if not paths:
+            raise UserError(f"{folder} holds no run (no summary.json or .hydra/ in it or its subfolders)")
+        runs.extend(_read_run(p) for p in paths)
+    return runs

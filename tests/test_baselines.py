@@ -1,0 +1,58 @@
+"""Baselines in the search's harness: method parsing, threshold rules, fixed assignments."""
+
+import math
+
+import pytest
+import torch
+
+from hmqsearch.baselines import Method, assign_fixed, baseline_spec, parse_method
+from hmqsearch.errors import UserError
+from hmqsearch.models.small_cnn import SmallCNN
+from hmqsearch.quant.calibrate import calibrate_activations
+from hmqsearch.quant.prepare import QuantSpec, prepare
+
+
+def test_parse_method_reads_precision_and_rejects_bad_values():
+    assert parse_method("uniform", "w4a8") == Method("uniform", 4, 8)
+    assert parse_method("hmq", None) == Method("hmq")
+    for name, precision, fragment in (
+        ("ptq", "W9A8", "method.precision='W9A8'"),
+        ("ptq", None, "expected WxAy"),
+        ("random", "W4A4", "method='random'; allowed: hmq, uniform, ptq"),
+    ):
+        with pytest.raises(UserError, match=fragment):
+            parse_method(name, precision)
+
+
+def _prepared(method: Method):
+    torch.manual_seed(0)
+    net, x = SmallCNN(), torch.randn(32, 1, 8, 8)
+    spec = baseline_spec(QuantSpec(weight_bits=[2, 4, 8], act_bits=[4, 8]), method)
+    qmodel = prepare(net, spec, x[:4])
+    calibrate_activations(qmodel, [x])
+    assign_fixed(qmodel, method)
+    qmodel.set_state("fixed")
+    return qmodel, x
+
+
+@pytest.mark.parametrize("method", [Method("uniform", 2, 4), Method("ptq", 4, 8)], ids=["uniform", "ptq"])
+def test_every_quantizer_gets_the_fixed_precision(method: Method):
+    qmodel, _ = _prepared(method)
+    for i, (name, layer) in enumerate(qmodel.layers()):
+        assert layer.wq.scheme().bits == method.weight_bits, name
+        assert layer.aq.scheme().bits == (8 if i == 0 else method.act_bits), name  # first input pinned to 8
+
+
+def test_ptq_thresholds_are_the_smallest_powers_of_two_covering_the_range():
+    qmodel, _ = _prepared(Method("ptq", 4, 8))
+    for name, layer in qmodel.layers():
+        absmax = layer.weight.detach().abs().reshape(layer.weight.shape[0], -1).amax(1)
+        expected = [math.ceil(math.log2(float(a))) for a in absmax]
+        assert list(layer.wq.scheme().threshold_exp) == expected, name
+
+
+def test_uniform_thresholds_are_the_lowest_mse_candidates():
+    qmodel, _ = _prepared(Method("uniform", 2, 8))
+    for name, layer in qmodel.layers():
+        mse = layer.wq.candidate_mse(layer.weight.detach())[0]  # the single bit-width row
+        assert layer.wq.chosen_index() == (0, int(mse.argmin())), name
