@@ -49,10 +49,10 @@ def main() -> None:
     top1 = evaluate(net, data.test_dataloader(), 10)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"mobilenetv2_w{args.width:g}"
-    torch.save(net.state_dict(), stem.with_suffix(".pt"))
+    torch.save(net.state_dict(), f"{stem}.pt")
     record = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "float_top1": top1, "wall_s": time.time() - started}
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    Path(f"{stem}.json").write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
 
 
