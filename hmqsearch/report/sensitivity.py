@@ -51,7 +51,7 @@ def write_sensitivity_report(duals: dict[str, float], run_dir: str | Path, title
     heading = f"# Layer sensitivity (final proximity duals){': ' + title if title else ''}\n\n"
     table = atomic_write_text(run_dir / TABLE_NAME, heading + markdown_table(duals))
     names, values = zip(*ranked(duals)) if duals else ((), ())
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(names) + 1.5), 3.5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(names) + 1.5), 4.5), layout="constrained")
     ax.bar(range(len(names)), values, color="tab:red")
     ax.set_xticks(range(len(names)), names, rotation=75, ha="right", fontsize=7)
     ax.set_ylabel("final dual")
