@@ -146,3 +146,19 @@ def test_repair_by_duals_without_proximity_is_a_user_error(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("hmqsearch: error: search.repair_by=duals needs")
+
+
+def test_reference_is_the_float_layer_as_built_not_the_trained_weights():
+    qmodel = toy()
+    qmodel.set_state("float")
+    qmodel.train()
+    prox = ProximityConstraints(qmodel, ProximitySpec(enabled=True, tolerance=1.0, relative=False)).train()
+    x = torch.randn(8, 16)
+    qmodel(x)
+    assert torch.equal(prox.violations(), -torch.ones(2))  # same weights: distance 0
+    prox.step_end()
+    layer = dict(qmodel.layers())[qmodel.layer_names[0]]
+    with torch.no_grad():
+        layer.weight.add_(0.5)  # training moves the weights; the reference stays
+    qmodel(x)
+    assert float(prox.violations()[0]) > -1.0

@@ -5,6 +5,11 @@ For layer l, on the input x it receives in the training forward:
     d_l = mean((layer_q(x) - layer_float(x))^2)            (absolute), or
     d_l = that / mean(layer_float(x)^2)                      (relative to the float output energy)
 
+where ``layer_float`` is the layer with the float weights it had when the constraints were
+built (the trained float model's layer), held fixed: measured against the weights being
+trained, a layer could satisfy its constraint by moving its float weights onto the
+quantization grid, and its dual would then say nothing about the layer's sensitivity.
+
 and the constraint d_l <= tolerance has the normalised violation v_l = d_l / tolerance - 1 and
 its own non-negative dual, ascended like the budget duals (after every step, or once per epoch
 on the epoch's mean violation).  The float output is the target (no gradient through it).  A
@@ -47,11 +52,11 @@ class ProximitySpec:
             raise UserError(f"search.proximity.dual_lr={self.dual_lr!r}; allowed: a number > 0")
 
 
-def float_output(layer: QuantConv2d | QuantLinear, x: Tensor) -> Tensor:
-    """The layer's output with neither its input nor its weights quantized."""
+def float_output(layer: QuantConv2d | QuantLinear, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The layer's output on ``x`` with float ``weight`` / ``bias`` and no input quantization."""
     if isinstance(layer, QuantConv2d):
-        return layer._conv_forward(x, layer.weight, layer.bias)
-    return F.linear(x, layer.weight, layer.bias)
+        return layer._conv_forward(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class ProximityConstraints(nn.Module):
@@ -71,18 +76,23 @@ class ProximityConstraints(nn.Module):
         self._current: dict[str, list[Tensor]] = {}
         self._epoch_sum = torch.zeros(len(self.layer_names))
         self._epoch_steps = 0
+        self._reference = {
+            name: (layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone())
+            for name, layer in qmodel.layers()
+        }
         self._handles = [layer.register_forward_hook(self._hook(name)) for name, layer in qmodel.layers()]
 
     def _hook(self, name: str):  # noqa: ANN202 - a forward hook
         def hook(layer: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
             if self.training:
-                self._current.setdefault(name, []).append(self.distance(layer, args[0], out))
+                self._current.setdefault(name, []).append(self.distance(name, layer, args[0], out))
 
         return hook
 
-    def distance(self, layer: QuantConv2d | QuantLinear, x: Tensor, out: Tensor) -> Tensor:
-        """d_l: mean squared difference to the float output (relative: over its mean square)."""
-        target = float_output(layer, x).detach()
+    def distance(self, name: str, layer: QuantConv2d | QuantLinear, x: Tensor, out: Tensor) -> Tensor:
+        """d_l: mean squared difference to the float layer's output (relative: over its mean square)."""
+        weight, bias = self._reference[name]
+        target = float_output(layer, x, weight.to(x.device), None if bias is None else bias.to(x.device)).detach()
         d = (out - target).pow(2).mean()
         return d / target.pow(2).mean().clamp(min=1e-12) if self.spec.relative else d
 
