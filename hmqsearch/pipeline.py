@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from hmqsearch.baselines import Method, assign_fixed, baseline_spec, parse_method
 from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
 from hmqsearch.constrained.constraints import Constraint
+from hmqsearch.constrained.proximity import ProximityConstraints, ProximitySpec
 from hmqsearch.constrained.repair import fill, repair
 from hmqsearch.cost import latency as lat
 from hmqsearch.cost import size
@@ -38,6 +39,7 @@ from hmqsearch.lit.trainer import RunLoggers, make_trainer
 from hmqsearch.models.pretrained import load_pretrained
 from hmqsearch.quant.calibrate import calibrate_activations
 from hmqsearch.quant.prepare import Pin, QuantModel, QuantSpec, prepare
+from hmqsearch.report.sensitivity import write_sensitivity_report
 from hmqsearch.report.table import print_final_table
 from hmqsearch.resume import STAGES, Resume, load_checkpoint
 
@@ -76,6 +78,17 @@ def quant_spec(cfg: DictConfig) -> QuantSpec:
 def budget_spec(cfg: DictConfig) -> BudgetSpec:
     spec = BudgetSpec(**OmegaConf.to_container(cfg.budget, resolve=True))
     spec.validate()
+    return spec
+
+
+def proximity_spec(cfg: DictConfig) -> ProximitySpec:
+    spec = ProximitySpec(**OmegaConf.to_container(cfg.search.get("proximity") or {}, resolve=True))
+    spec.validate()
+    repair_by = cfg.search.get("repair_by", "margin")
+    if repair_by not in ("margin", "duals"):
+        raise UserError(f"search.repair_by={repair_by!r}; allowed: margin, duals")
+    if repair_by == "duals" and not spec.enabled:
+        raise UserError("search.repair_by=duals needs the proximity duals: set search.proximity.enabled=true")
     return spec
 
 
@@ -164,9 +177,10 @@ def pretrain(ctx: Context, net: nn.Module) -> None:
 def search(ctx: Context, qmodel: QuantModel, constraints: list[Constraint]) -> SearchModule:
     cfg = ctx.cfg.search
     qmodel.set_state("search")
+    prox = proximity_spec(ctx.cfg)
     module = SearchModule(
         qmodel, ctx.num_classes, _optimizer(ctx.cfg, "search"), cfg.lr, cfg.logit_lr, constraints,
-        cfg.dual_lr, cfg.tau_start, cfg.tau_end,
+        cfg.dual_lr, cfg.tau_start, cfg.tau_end, ProximityConstraints(qmodel, prox) if prox.enabled else None,
     )
     _fit(ctx, module, "search", None)
     qmodel.set_state("fixed")
@@ -209,6 +223,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.time()
     method = run_method(cfg)
     spec, budgets = quant_spec(cfg), budget_spec(cfg)
+    proximity_spec(cfg)
     _check_epochs(cfg)
     export_config(OmegaConf.to_container(cfg.export, resolve=True))  # export options checked before training
     pl.seed_everything(cfg.seed, workers=True)
@@ -252,7 +267,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if method.is_baseline:
             assign_fixed(qmodel, method)
             qmodel.set_state("fixed")
-            duals, steps, filled, disagreement = {}, [], [], None
+            duals, steps, filled, disagreement, proximity_duals = {}, [], [], None, None
         else:
             search_module = search(ctx, qmodel, constraints)
             duals = search_module.duals.as_dict()
@@ -260,7 +275,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 "logits": torch.cat([p.reshape(-1) for p in qmodel.logit_parameters()]),
                 "duals": search_module.duals.values, "tau": torch.tensor([search_module.tau]),
             })
-            steps = repair(qmodel, constraints)
+            proximity_duals = search_module.proximity.duals.as_dict() if search_module.proximity else None
+            if proximity_duals is not None:
+                search_module.proximity.remove()
+                write_sensitivity_report(proximity_duals, run_dir, str(cfg.model.net._target_).rsplit(".", 1)[-1])
+            by_duals = cfg.search.get("repair_by", "margin") == "duals"
+            steps = repair(qmodel, constraints, proximity_duals if by_duals else None)
             filled = fill(qmodel, constraints) if cfg.search.fill_budget else []
         timings["search_s"] = time.time() - t0
         search_top1 = evaluate(qmodel, test_loader, num_classes)
@@ -293,6 +313,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "exact_latency": costs["exact_latency"],
             "budget_latency_ms": budget_entries.get("latency_ms", {}).get("budget"),
             "duals": duals,
+            "proximity_duals": proximity_duals,
             "repair": [s.__dict__ for s in steps],
             "fill": [s.__dict__ for s in filled],
             "activation_ranges": ranges,

@@ -19,7 +19,7 @@ class RepairStep:
     quantizer: str
     from_bits: int
     to_bits: int
-    evidence: float  # repair: logit margin given up; fill: probability of the new bit-width
+    evidence: float  # repair: logit margin given up (or layer dual); fill: probability of the new bit-width
 
 
 def _lowered(q: HMQQuantizer) -> tuple[int, int] | None:
@@ -35,12 +35,17 @@ def _make_argmax(q: HMQQuantizer, b: int, j: int) -> None:
         q.logits[b, j] = q.logits.max() + 1.0
 
 
-def repair(qmodel: QuantModel, constraints: list[Constraint]) -> list[RepairStep]:
+def repair(
+    qmodel: QuantModel, constraints: list[Constraint], sensitivity: dict[str, float] | None = None
+) -> list[RepairStep]:
     """Greedy repair of the argmax assignment.
 
     Each step lowers the one quantizer with the smallest logit margin per unit of normalised
     cost saved on the violated budgets (the search's own sensitivity read-out), then re-checks
-    every budget with the exact discrete costs.  Returns the steps taken (empty if feasible).
+    every budget with the exact discrete costs.  With ``sensitivity`` (layer name -> final
+    proximity dual) the dual of the quantizer's layer replaces the logit margin, so the
+    layers with the smallest duals are lowered first.  Returns the steps taken (empty if
+    feasible).
     """
     steps: list[RepairStep] = []
     quantizers = [(n, q) for n, q in qmodel.quantizers() if not q.float_pinned]
@@ -56,6 +61,8 @@ def repair(qmodel: QuantModel, constraints: list[Constraint]) -> list[RepairStep
                 continue
             saved_logits = q.logits.detach().clone()
             margin = float(q.logits.detach().max() - q.logits.detach()[low])
+            if sensitivity is not None:
+                margin = sensitivity[name.rsplit(".", 1)[0]]
             _make_argmax(q, *low)
             gain = sum((before[c.name] - c.exact()) / c.budget for c in violated)
             with torch.no_grad():
@@ -75,7 +82,10 @@ def repair(qmodel: QuantModel, constraints: list[Constraint]) -> list[RepairStep
         old_bits = q.scheme().bits
         _make_argmax(q, b, j)
         step = RepairStep(name, old_bits, q.scheme().bits, margin)
-        log.info("repair: %s %d -> %d bits (logit margin %.3f)", name, step.from_bits, step.to_bits, margin)
+        log.info(
+            "repair: %s %d -> %d bits (%s %.3f)", name, step.from_bits, step.to_bits,
+            "layer dual" if sensitivity is not None else "logit margin", margin,
+        )
         steps.append(step)
 
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.constrained.dual import DualVariables
+from hmqsearch.constrained.proximity import ProximityConstraints
 from hmqsearch.lit.classifier import ClassifierModule, OptimizerFactory
 from hmqsearch.quant.prepare import QuantModel
 
@@ -34,6 +35,7 @@ class SearchModule(ClassifierModule):
         dual_lr: float,
         tau_start: float = 1.0,
         tau_end: float = 0.1,
+        proximity: ProximityConstraints | None = None,
     ) -> None:
         super().__init__(model, num_classes, optimizer, lr)
         self.constraints = constraints
@@ -42,6 +44,7 @@ class SearchModule(ClassifierModule):
         self.tau_start, self.tau_end = tau_start, tau_end
         self.tau = tau_start
         self._violations: Tensor | None = None
+        self.proximity = proximity  # optional per-layer constraints, duals = layer sensitivity
 
     def temperature(self, step: int) -> float:
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -62,6 +65,8 @@ class SearchModule(ClassifierModule):
         v = self.violations()
         self._violations = v.detach()
         loss = task + self.duals.lagrangian_term(v)
+        if self.proximity is not None:
+            loss = loss + self.proximity.lagrangian_term()
         self.log("train/loss", task, prog_bar=True)
         self.log("train/lagrangian", loss)
         self.log("train/acc", (logits.argmax(1) == y).float().mean())
@@ -76,13 +81,22 @@ class SearchModule(ClassifierModule):
         the batch already holds the updated duals. Under DDP the violations are averaged over the
         ranks (they are equal anyway: computed from the synchronised logits), so every rank takes
         the same dual step."""
+        mean_over_ranks = lambda v: self.trainer.strategy.reduce(v, reduce_op="mean")  # noqa: E731
         if self._violations is not None:
-            self.duals.ascend(self.trainer.strategy.reduce(self._violations, reduce_op="mean"))
+            self.duals.ascend(mean_over_ranks(self._violations))
             self._violations = None
+        if self.proximity is not None:
+            self.proximity.step_end(mean_over_ranks)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         for name, value in self.duals.as_dict().items():
             self.log(f"dual/{name}", value, prog_bar=True)
+        if self.proximity is not None:
+            self.log("dual/proximity_max", float(self.proximity.duals.values.max()))
+
+    def on_train_epoch_end(self) -> None:
+        if self.proximity is not None:
+            self.proximity.epoch_end()
 
     def on_validation_epoch_end(self) -> None:
         for c in self.constraints:
