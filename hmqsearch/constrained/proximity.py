@@ -19,9 +19,8 @@ duals rank the layers by sensitivity (Hounie et al., arXiv 2210.15623).
 
 from __future__ import annotations
 
-from typing import Callable
-
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
