@@ -25,6 +25,7 @@ from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.constrained.proximity import ProximityConstraints, ProximitySpec
 from hmqsearch.constrained.repair import fill, repair
+from hmqsearch.constrained.warm_start import STARTS, warm_start
 from hmqsearch.cost import latency as lat
 from hmqsearch.cost import size
 from hmqsearch.errors import UserError
@@ -33,6 +34,7 @@ from hmqsearch.export.stage import export_config, export_into_summary
 from hmqsearch.io import atomic_write, write_json
 from hmqsearch.lit.checkpointing import LAST
 from hmqsearch.lit.classifier import ClassifierModule
+from hmqsearch.lit.distill import DistillSpec, Distiller
 from hmqsearch.lit.ddp import is_rank_zero, rank_disagreement, world_size
 from hmqsearch.lit.search import SearchModule
 from hmqsearch.lit.trainer import RunLoggers, make_trainer
@@ -54,6 +56,13 @@ class Context:
     datamodule: pl.LightningDataModule
     num_classes: int
     resume: Resume
+    distill: DistillSpec
+    teacher: nn.Module | None = None  # the float model, set once it is trained or loaded
+
+    def distiller(self, stage: str) -> Distiller | None:
+        if self.teacher is None or not self.distill.applies_to(stage):
+            return None
+        return Distiller(self.teacher, self.distill.alpha, self.distill.temperature)
 
 
 def run_method(cfg: DictConfig) -> Method:
@@ -89,6 +98,16 @@ def proximity_spec(cfg: DictConfig) -> ProximitySpec:
         raise UserError(f"search.repair_by={repair_by!r}; allowed: margin, duals")
     if repair_by == "duals" and not spec.enabled:
         raise UserError("search.repair_by=duals needs the proximity duals: set search.proximity.enabled=true")
+    return spec
+
+
+def distill_spec(cfg: DictConfig) -> DistillSpec:
+    raw = OmegaConf.to_container(cfg.get("distill") or {}, resolve=True)
+    unknown = sorted(set(raw) - {"enabled", "alpha", "temperature", "stages"})
+    if unknown:
+        raise UserError(f"distill.{unknown[0]} is not an option; allowed: enabled, alpha, temperature, stages")
+    spec = DistillSpec(**{**raw, "stages": tuple(raw.get("stages", DistillSpec.stages))})
+    spec.validate()
     return spec
 
 
@@ -181,6 +200,7 @@ def search(ctx: Context, qmodel: QuantModel, constraints: list[Constraint]) -> S
     module = SearchModule(
         qmodel, ctx.num_classes, _optimizer(ctx.cfg, "search"), cfg.lr, cfg.logit_lr, constraints,
         cfg.dual_lr, cfg.tau_start, cfg.tau_end, ProximityConstraints(qmodel, prox) if prox.enabled else None,
+        ctx.distiller("search"),
     )
     _fit(ctx, module, "search", None)
     qmodel.set_state("fixed")
@@ -192,7 +212,9 @@ def finetune(ctx: Context, qmodel: QuantModel) -> None:
     qmodel.set_state("fixed")
     for p in qmodel.logit_parameters():
         p.requires_grad_(False)
-    module = ClassifierModule(qmodel, ctx.num_classes, _optimizer(ctx.cfg, "finetune"), cfg.lr)
+    module = ClassifierModule(
+        qmodel, ctx.num_classes, _optimizer(ctx.cfg, "finetune"), cfg.lr, ctx.distiller("finetune")
+    )
     _fit(ctx, module, "finetune", "val/acc")
 
 
@@ -224,6 +246,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     method = run_method(cfg)
     spec, budgets = quant_spec(cfg), budget_spec(cfg)
     proximity_spec(cfg)
+    distill = distill_spec(cfg)
+    if cfg.search.get("start", "highest") not in STARTS:
+        raise UserError(f"search.start={cfg.search.start!r}; allowed: {', '.join(STARTS)}")
     _check_epochs(cfg)
     export_config(OmegaConf.to_container(cfg.export, resolve=True))  # export options checked before training
     pl.seed_everything(cfg.seed, workers=True)
@@ -242,7 +267,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     pretrained_meta = load_pretrained(net, cfg.model.pretrained) if cfg.model.pretrained else None
     loggers = RunLoggers(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
-    ctx = Context(cfg, run_dir, loggers, datamodule, num_classes, Resume.from_cfg(cfg, run_dir))
+    ctx = Context(cfg, run_dir, loggers, datamodule, num_classes, Resume.from_cfg(cfg, run_dir), distill)
     timings: dict[str, float] = {}
     exit_code = 1
     try:
@@ -253,6 +278,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         test_loader = datamodule.test_dataloader()
         float_top1 = evaluate(net, test_loader, num_classes)
         log.info("float test top-1: %.2f %%", float_top1)
+        if distill.enabled:
+            ctx.teacher = net  # prepare() works on a copy: net stays the float model
 
         t0 = time.time()
         qmodel = prepare(net, spec, example)
@@ -268,7 +295,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             assign_fixed(qmodel, method)
             qmodel.set_state("fixed")
             duals, steps, filled, disagreement, proximity_duals = {}, [], [], None, None
+            start_bits = None
         else:
+            start_bits = warm_start(qmodel, constraints, cfg.search.get("start", "highest"))
             search_module = search(ctx, qmodel, constraints)
             duals = search_module.duals.as_dict()
             disagreement = rank_disagreement({
@@ -312,6 +341,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "expected_latency": costs["expected_latency"],
             "exact_latency": costs["exact_latency"],
             "budget_latency_ms": budget_entries.get("latency_ms", {}).get("budget"),
+            "search_start_weight_bits": start_bits,
             "duals": duals,
             "proximity_duals": proximity_duals,
             "repair": [s.__dict__ for s in steps],

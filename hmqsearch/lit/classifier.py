@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from hmqsearch.lit.distill import Distiller
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
@@ -17,12 +19,18 @@ class ClassifierModule(pl.LightningModule):
     """Cross-entropy training with torchmetrics top-1 on the validation and test sets.
 
     Used for the float ``pretrain`` stage and the ``finetune`` stage (frozen assignment, QAT).
-    The learning rate follows a cosine schedule over the stage's steps.
+    The learning rate follows a cosine schedule over the stage's steps. With a ``distiller``
+    the training loss mixes in distillation from the float teacher; validation stays plain
+    cross-entropy, so checkpoint selection sees the same metric either way.
     """
 
-    def __init__(self, model: nn.Module, num_classes: int, optimizer: OptimizerFactory, lr: float) -> None:
+    def __init__(
+        self, model: nn.Module, num_classes: int, optimizer: OptimizerFactory, lr: float,
+        distiller: Distiller | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
+        self.distiller = distiller
         self.optimizer_factory = optimizer
         self.lr = lr
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -36,8 +44,16 @@ class ClassifierModule(pl.LightningModule):
         logits = self(x)
         return F.cross_entropy(logits, y), logits, y
 
+    def train_loss(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """The training objective: cross-entropy, or the distillation loss with a teacher."""
+        if self.distiller is None:
+            return self.task_loss(batch)
+        x, y = batch
+        logits = self(x)
+        return self.distiller.loss(logits, x, y), logits, y
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss, logits, y = self.task_loss(batch)
+        loss, logits, y = self.train_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", (logits.argmax(1) == y).float().mean())
         return loss

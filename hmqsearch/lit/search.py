@@ -12,6 +12,7 @@ from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.constrained.dual import DualVariables
 from hmqsearch.constrained.proximity import ProximityConstraints
 from hmqsearch.lit.classifier import ClassifierModule, OptimizerFactory
+from hmqsearch.lit.distill import Distiller
 from hmqsearch.quant.prepare import QuantModel
 
 
@@ -36,8 +37,9 @@ class SearchModule(ClassifierModule):
         tau_start: float = 1.0,
         tau_end: float = 0.1,
         proximity: ProximityConstraints | None = None,
+        distiller: Distiller | None = None,
     ) -> None:
-        super().__init__(model, num_classes, optimizer, lr)
+        super().__init__(model, num_classes, optimizer, lr, distiller)
         self.constraints = constraints
         self.duals = DualVariables([c.name for c in constraints], dual_lr)
         self.logit_lr = logit_lr
@@ -61,7 +63,7 @@ class SearchModule(ClassifierModule):
         return torch.stack([c.violation() for c in self.constraints])
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        task, logits, y = self.task_loss(batch)
+        task, logits, y = self.train_loss(batch)
         v = self.violations()
         self._violations = v.detach()
         loss = task + self.duals.lagrangian_term(v)

@@ -92,21 +92,22 @@ class HMQQuantizer(nn.Module):
     def num_candidates(self) -> int:
         return self.logits.numel()
 
-    def _initial_logits(self, init_mass: float, best: Tensor | None = None) -> Tensor:
-        """Logits with ``init_mass`` on the highest bit-width.
+    def _initial_logits(self, init_mass: float, best: Tensor | None = None, start_row: int = -1) -> Tensor:
+        """Logits with ``init_mass`` on bit-width row ``start_row`` (default: the highest).
 
         Inside every bit-width row the threshold ``best[b]`` (default: the widest) gets a prior
-        of ROW_PRIOR nats.  The mass the dual ascent later moves to a lower bit-width keeps
-        each row's internal proportions, so this prior decides which threshold a lowered
-        layer lands on: :meth:`init_from_data` sets it to the lowest-MSE threshold.
+        of ROW_PRIOR nats.  The mass the dual ascent later moves to another bit-width keeps
+        each row's internal proportions, so this prior decides which threshold a moved layer
+        lands on: :meth:`init_from_data` sets it to the lowest-MSE threshold.
         """
         n_b, n_t = len(self.bits), self.n_thresholds
         best = torch.zeros(n_b, dtype=torch.long) if best is None else best.cpu()
         logits = torch.zeros(n_b, n_t)
         logits[torch.arange(n_b), best] = ROW_PRIOR if n_t > 1 else 0.0
         if logits.numel() > 1:
-            others = torch.exp(logits).sum() - torch.exp(logits[-1, best[-1]])
-            logits[-1, best[-1]] = math.log(init_mass * float(others) / (1.0 - init_mass))
+            row = start_row % n_b
+            others = torch.exp(logits).sum() - torch.exp(logits[row, best[row]])
+            logits[row, best[row]] = math.log(init_mass * float(others) / (1.0 - init_mass))
         return logits
 
     def reset_logits(self) -> None:
@@ -120,11 +121,13 @@ class HMQQuantizer(nn.Module):
         mse = torch.stack([(self._quant(x, step[k], lo[k], hi[k]) - x).pow(2).mean() for k in range(len(step))])
         return mse.reshape(self.logits.shape)
 
-    def init_from_data(self, x: Tensor) -> None:
-        """Initialise the logits with each bit-width's lowest-MSE threshold on ``x`` preferred."""
+    def init_from_data(self, x: Tensor, start_bits: int | None = None) -> None:
+        """Initialise the logits with each bit-width's lowest-MSE threshold on ``x`` preferred,
+        and the initial mass on ``start_bits`` (default: the highest candidate)."""
+        row = -1 if start_bits is None else self.bits.tolist().index(start_bits)
         best = self.candidate_mse(x).argmin(1)
         with torch.no_grad():
-            self.logits.copy_(self._initial_logits(self.init_mass, best).to(self.logits.device))
+            self.logits.copy_(self._initial_logits(self.init_mass, best, row).to(self.logits.device))
 
     def set_range(self, r: Tensor | float) -> None:
         """Centre the threshold grid on range estimate(s) ``r``: M = ceil(log2 r)."""
