@@ -363,6 +363,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             config=OmegaConf.to_container(cfg, resolve=True),
         )
         atomic_write(run_dir / "quantized_state.pt", lambda p: torch.save(qmodel.state_dict(), p))
+        summary["finished"] = False  # until the export is done: a run killed while exporting can resume
         write_json(run_dir / "summary.json", summary)
 
         # export: ONNX graph + packed checkpoint, verified on the test set, latency measured
@@ -373,7 +374,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 arch=OmegaConf.to_container(cfg.model.net, resolve=True), spec=spec, latency_table=table,
             )
             summary["timings"]["export_s"] = time.time() - t0
-            write_json(run_dir / "summary.json", summary)
+        summary["finished"] = True
+        write_json(run_dir / "summary.json", summary)
         loggers.log_summary(summary)
         print_final_table(qmodel, summary, costs["per_layer_weight_bytes_packed"])
         exit_code = 0

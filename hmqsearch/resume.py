@@ -44,6 +44,19 @@ def _stage_of(ckpt: Path) -> tuple[Path, str]:
     return ckpt.parent.parent.parent, ckpt.parent.name
 
 
+def run_finished(run_dir: Path) -> bool:
+    """A run is finished once its summary is final: the pipeline writes ``summary.json`` with
+    ``"finished": false`` before the export and rewrites it with ``true`` after, so a run killed
+    while exporting is resumed (its stages load from their checkpoints, the export runs again)."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("finished", True) is not False
+    except (json.JSONDecodeError, AttributeError):
+        return True  # not ours to overwrite
+
+
 def original_overrides(run_dir: Path) -> list[str]:
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
@@ -77,7 +90,7 @@ def resume_argv(argv: list[str]) -> list[str]:
     if not run_dir.is_dir():
         raise UserError(f"resume={resume}: no such run directory")
     overrides = original_overrides(run_dir)
-    if (run_dir / "summary.json").is_file():
+    if run_finished(run_dir):
         raise UserError(f"resume={run_dir}: the run already finished (summary.json is there); nothing to resume")
     extra = [a for a in args if not a.startswith(("resume=", "ckpt_path="))]
     changed = [a for a in extra if not a.startswith("-") and a.lstrip("+~").split("=")[0].split(".")[0] not in RESUME_MAY_CHANGE]

@@ -64,3 +64,28 @@ def test_sigkill_or_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path
         assert assignment(run_dir) == assignment(reference), sig.name
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["duals"] == pytest.approx(ref_summary["duals"], abs=1e-6)
+
+
+def test_run_killed_while_exporting_resumes_into_the_export_only(tmp_path):
+    """The state a kill during the export leaves: stages done, summary not final, no graph.
+    The resume loads every stage from its checkpoint and exports again."""
+    run_dir = tmp_path / "run"
+    done = subprocess.run(train_cmd(*TINY, f"hydra.run.dir={run_dir}"), cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["finished"] is True
+    again = subprocess.run(train_cmd(f"resume={run_dir}"), cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 2 and "the run already finished" in again.stderr + again.stdout
+
+    summary["finished"] = False
+    summary.pop("export")
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    (run_dir / "model.onnx").unlink()
+    checkpoints = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*.ckpt")}
+    resumed = subprocess.run(train_cmd(f"resume={run_dir}"), cwd=tmp_path, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = json.loads((run_dir / "summary.json").read_text())
+    assert final["finished"] is True and final["export"]["passed"] is True
+    assert (run_dir / "model.onnx").is_file()
+    assert final["quant_top1"] == summary["quant_top1"]
+    assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints  # nothing retrained
