@@ -29,6 +29,7 @@ import torch
 from hmqsearch.constrained.proximity import ProximityConstraints, ProximitySpec
 from hmqsearch.data.cifar10 import CIFAR10DataModule
 from hmqsearch.lit.classifier import ClassifierModule
+from hmqsearch.lit.distill import Distiller
 from hmqsearch.lit.search import SearchModule
 from hmqsearch.models.pretrained import load_pretrained
 from hmqsearch.models.resnet_cifar import resnet20
@@ -40,10 +41,15 @@ from hmqsearch.report.sensitivity import ranked, spearman, write_sensitivity_rep
 LOW, HIGH, ACT = 2, 8, 8
 
 
-def quantized(args: argparse.Namespace, data: CIFAR10DataModule, high: set[str]) -> QuantModel:
-    """ResNet-20 with weights at 2 bits except the layers in ``high`` (8 bits), inputs at 8 bits."""
+def float_net(args: argparse.Namespace) -> torch.nn.Module:
     net = resnet20()
     load_pretrained(net, args.weights)
+    return net.eval()
+
+
+def quantized(args: argparse.Namespace, data: CIFAR10DataModule, high: set[str]) -> QuantModel:
+    """ResNet-20 with weights at 2 bits except the layers in ``high`` (8 bits), inputs at 8 bits."""
+    net = float_net(args)
     calib = data.calibration_batches(2)
     qmodel = prepare(net, QuantSpec(weight_bits=[LOW, HIGH], act_bits=[ACT]), calib[0][:8])
     calibrate_activations(qmodel, calib, "max")
@@ -90,7 +96,10 @@ def finetuned_top1(args: argparse.Namespace, high: set[str]) -> float:
     qmodel = quantized(args, data, high)
     for p in qmodel.logit_parameters():
         p.requires_grad_(False)
-    module = ClassifierModule(qmodel, 10, functools.partial(torch.optim.Adam), args.lr)
+    optimizer = (functools.partial(torch.optim.SGD, momentum=0.9, weight_decay=1e-4) if args.optimizer == "sgd"
+                 else functools.partial(torch.optim.Adam))
+    distiller = Distiller(float_net(args), alpha=0.9, temperature=4.0) if args.distill else None
+    module = ClassifierModule(qmodel, 10, optimizer, args.finetune_lr or args.lr, distiller)
     trainer(args.epochs).fit(module, datamodule=data)
     return evaluate(qmodel, data.test_dataloader(), 10)
 
@@ -106,6 +115,9 @@ def main() -> None:
     parser.add_argument("--test-subset", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="of the layer-selective fine-tunes")
+    parser.add_argument("--finetune-lr", type=float, default=None, help="of the layer-selective fine-tunes (default: --lr)")
+    parser.add_argument("--distill", action="store_true", help="distil the float model into the layer-selective fine-tunes")
     parser.add_argument("--tolerance", type=float, default=0.05, help="relative output MSE per layer")
     parser.add_argument("--dual-lr", type=float, default=0.01)
     args = parser.parse_args()
@@ -122,8 +134,9 @@ def main() -> None:
         top, bottom = order[:k], order[-k:]
         rows.append((k, ", ".join(top), finetuned_top1(args, set(top)), ", ".join(bottom), finetuned_top1(args, set(bottom))))
 
+    recipe = f"{args.optimizer}, lr {args.finetune_lr or args.lr}" + (", distilled from the float model" if args.distill else "")
     lines = [
-        f"ResNet-20, weights 2 bits (selected layers 8), inputs 8 bits; fine-tune {args.epochs} epoch(s) on "
+        f"ResNet-20, weights 2 bits (selected layers 8), inputs 8 bits; fine-tune {args.epochs} epoch(s) ({recipe}) on "
         f"{args.train_subset} training images; test top-1 on {args.test_subset} class-balanced test images.",
         f"Dual ranking: mean of seeds {args.seeds[0]} and {args.seeds[1]}; Spearman rank correlation of the "
         f"two seeds' duals: {rho:.3f}.",
