@@ -1,17 +1,12 @@
 """Knowledge distillation from the float teacher: the loss, and a run that uses it."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hmqsearch.lit.distill import Distiller
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _pair() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -45,15 +40,9 @@ def test_distillation_gradient_pulls_student_to_teacher_not_teacher_to_student()
     assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_digits_run_with_distillation_keeps_teacher_out_of_checkpoints(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "pretrain.epochs=4", "search.epochs=1", "finetune.epochs=1",
-         "logger=csv", "callbacks.progress_bar=false", "export.enabled=false", "distill.enabled=true",
-         f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_digits_run_with_distillation_keeps_teacher_out_of_checkpoints(train_run):
+    _, run_dir = train_run("pretrain.epochs=4", "search.epochs=1", "finetune.epochs=1", "logger=csv",
+                           "export.enabled=false", "distill.enabled=true")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["quant_top1"] > 50.0
     for stage in ("search", "finetune"):

@@ -126,15 +126,9 @@ def test_repair_by_duals_lowers_the_least_sensitive_layer_first():
         assert steps[0].quantizer.startswith(least + ".")
 
 
-def test_run_with_proximity_writes_the_sensitivity_report(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "pretrain.epochs=2", "search.epochs=1", "finetune.epochs=1",
-         "logger=none", "callbacks.progress_bar=false", "search.proximity.enabled=true", "search.repair_by=duals",
-         f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_run_with_proximity_writes_the_sensitivity_report(train_run):
+    _, run_dir = train_run("pretrain.epochs=2", "search.epochs=1", "finetune.epochs=1", "logger=none",
+                           "search.proximity.enabled=true", "search.repair_by=duals")
     assert (run_dir / "sensitivity.png").is_file()
     assert "| 1 |" in (run_dir / "sensitivity.md").read_text()
 
