@@ -4,6 +4,7 @@ search and of the fine-tune, on the same batch, in one run, and print the ratios
 * float     the pretrained-architecture network with BN, SGD
 * search    HMQ on weights and activations (Gumbel-Softmax, expected step), the Lagrangian of
             an 8x packed weight budget, Adam on weights and logits, then the dual ascent
+* search+kd the same with the distillation loss of the CIFAR-10 recipe (a float teacher forward)
 * finetune  the searched model with its assignment frozen (argmax schemes), SGD
 
 Medians over --steps after --warmup steps.  Default: CIFAR ResNet-20, batch 128, CPU, random
@@ -16,6 +17,7 @@ data shaped like CIFAR-10 (the step time does not depend on the pixel values).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -30,6 +32,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmqsearch.constrained.budgets import BudgetSpec, build_constraints  # noqa: E402
 from hmqsearch.constrained.dual import DualVariables  # noqa: E402
+from hmqsearch.lit.distill import Distiller  # noqa: E402
 from hmqsearch.models import resnet_cifar  # noqa: E402
 from hmqsearch.quant.calibrate import calibrate_activations  # noqa: E402
 from hmqsearch.quant.prepare import QuantSpec, prepare  # noqa: E402
@@ -70,10 +73,14 @@ def make_steps(depth: int, batch: int) -> dict[str, Callable[[], None]]:
         {"params": qmodel.logit_parameters(), "lr": 0.02},
     ])
 
-    def search_step() -> None:
+    distiller = Distiller(copy.deepcopy(net), alpha=0.9, temperature=4.0)
+
+    def search_step(distill: bool = False) -> None:
         search_opt.zero_grad(set_to_none=True)
         v = torch.stack([c.violation() for c in constraints])
-        (F.cross_entropy(qmodel(x), y) + duals.lagrangian_term(v)).backward()
+        logits = qmodel(x)
+        task = distiller.loss(logits, x, y) if distill else F.cross_entropy(logits, y)
+        (task + duals.lagrangian_term(v)).backward()
         search_opt.step()
         duals.ascend(v.detach())
 
@@ -88,7 +95,8 @@ def make_steps(depth: int, batch: int) -> dict[str, Callable[[], None]]:
         F.cross_entropy(qmodel(x), y).backward()
         fine_opt.step()
 
-    return {"float": float_step, "search": search_step, "finetune": finetune_step}
+    return {"float": float_step, "search": search_step, "search+kd": lambda: search_step(distill=True),
+            "finetune": finetune_step}
 
 
 def main() -> None:
