@@ -84,3 +84,20 @@ def test_baseline_runs_reload_with_their_own_precision(sweep: Path):
 
     layers = assignment(load_run(sweep / "1").qmodel)
     assert {e["weight"]["bits"] for e in layers.values()} == {4}
+
+
+def test_search_is_judged_against_the_next_size_up_and_every_larger_baseline():
+    from hmqsearch.report.pareto import baselines_at_least_as_large, next_size_up
+    from hmqsearch.report.runs import Run
+
+    def run(name, method, size, top1):
+        return Run(Path(name), summary={"method": {"name": method}, "weight_bytes_packed": size, "quant_top1": top1})
+
+    search = run("hmq", "hmq", 90, 80.0)
+    smaller, w4, w4a4, w8 = run("w2", "uniform", 60, 70.0), run("w4", "uniform", 120, 85.0), \
+        run("w4a4", "uniform", 120, 82.0), run("w8", "ptq", 240, 91.0)
+    runs = [search, smaller, w4, w4a4, w8, Run(Path("failed"))]
+    assert [r.path.name for r in next_size_up(search, runs)] == ["w4", "w4a4"]
+    assert [r.path.name for r in baselines_at_least_as_large(search, runs)] == ["w4", "w4a4", "w8"]
+    assert next_size_up(w8, runs) == [w8]  # a baseline is its own size class
+    assert next_size_up(run("huge", "hmq", 999, 1.0), runs) == []

@@ -29,10 +29,18 @@ def baselines_at_least_as_large(run: Run, runs: list[Run]) -> list[Run]:
     return [r for r in runs if r.complete and r.method != "hmq" and r.summary["weight_bytes_packed"] >= size]
 
 
-def _versus(run: Run, runs: list[Run]) -> str:
+def next_size_up(run: Run, runs: list[Run]) -> list[Run]:
+    """The baselines of the smallest packed size at least ``run``'s: the ones it competes with."""
+    rivals = baselines_at_least_as_large(run, runs)
+    if not rivals:
+        return []
+    size = min(r.summary["weight_bytes_packed"] for r in rivals)
+    return [r for r in rivals if r.summary["weight_bytes_packed"] == size]
+
+
+def _verdict(run: Run, rivals: list[Run]) -> str:
     if run.method != "hmq":
         return ""
-    rivals = baselines_at_least_as_large(run, runs)
     if not rivals:
         return "no baseline this large"
     best = max(rivals, key=lambda r: r.summary["quant_top1"])
@@ -51,8 +59,8 @@ def markdown_table(runs: list[Run]) -> str:
     done = _ordered([r for r in runs if r.complete])
     lines = [
         "| run | method | packed weight bytes | compression | test top-1 | vs float | before fine-tune "
-        "| feasible | wall time | vs baselines of equal or larger size |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |",
+        "| feasible | wall time | vs the baselines of the next size up | vs every baseline of equal or larger size |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | --- |",
     ]
     for r in done:
         s = r.summary
@@ -61,7 +69,8 @@ def markdown_table(runs: list[Run]) -> str:
         lines.append(
             f"| {r.path.name} | {r.label} | {s['weight_bytes_packed']:,}{budget} | {s['compression_packed']:.2f}x "
             f"| {s['quant_top1']:.2f} % | {s['quant_top1'] - s['float_top1']:+.2f} | {s['search_top1']:.2f} % "
-            f"| {feasible} | {s['timings']['total_s'] / 60:.1f} min | {_versus(r, runs)} |"
+            f"| {feasible} | {s['timings']['total_s'] / 60:.1f} min | {_verdict(r, next_size_up(r, runs))} "
+            f"| {_verdict(r, baselines_at_least_as_large(r, runs))} |"
         )
     if done:
         lines.append(f"\nFloat model: {done[0].summary['float_top1']:.2f} % test top-1, "
