@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -82,39 +83,66 @@ def markdown_table(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pareto_plot(runs: list[Run], path: Path, title: str = "Test top-1 vs packed weight size") -> Path:
-    """Top-1 against packed weight KiB (log axis); points far below the rest sit on the bottom edge."""
-    done = [r for r in runs if r.complete]
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
-    float_top1 = done[0].summary["float_top1"] if done else None
-    trained = [r.summary["quant_top1"] for r in done if r.method != "ptq"] or [r.summary["quant_top1"] for r in done]
-    floor = min(trained + [float_top1 or 100.0]) - 2.0
+def _labelled(runs: list[Run]) -> set[int]:
+    """Runs whose points get a text label: every search and uniform run, and for PTQ only the
+    best calibration at each size (a sweep holds up to six per size, their labels would pile up)."""
+    keep = {id(r) for r in runs if r.method != "ptq"}
+    best: dict[int, Run] = {}
+    for r in runs:
+        size = r.summary["weight_bytes_packed"]
+        if r.method == "ptq" and (size not in best or r.summary["quant_top1"] > best[size].summary["quant_top1"]):
+            best[size] = r
+    return keep | {id(r) for r in best.values()}
+
+
+def _draw(ax: Any, done: list[Run], floor: float, top: float, labelled: set[int]) -> None:
     for method, (marker, colour, name) in STYLE.items():
         pts = sorted((r for r in done if r.method == method), key=_kib)
         if not pts:
             continue
         xs, ys = [_kib(r) for r in pts], [r.summary["quant_top1"] for r in pts]
         ax.plot(xs, [max(y, floor) for y in ys], marker=marker, color=colour, label=name,
-                linestyle="-" if method == "hmq" else "none", markersize=8)
+                linestyle="-" if method == "hmq" else "none", markersize=8, alpha=0.8)
         for r, x, y in zip(pts, xs, ys):
-            text = r.label.replace("PTQ ", "").replace("uniform ", "") + (f" ({y:.1f} %)" if y < floor else "")
+            if id(r) not in labelled:
+                continue
+            text = r.label.replace("PTQ ", "best PTQ " if method == "ptq" else "").replace("uniform ", "")
+            text += f" ({y:.1f} %)" if y < floor else ""
             ax.annotate(text, (x, max(y, floor)), textcoords="offset points", xytext=(6, 4), fontsize=8, color=colour)
-    if float_top1 is not None:
-        ax.axhline(float_top1, color="grey", linestyle="--", linewidth=1)
-        ax.annotate(f"float32 {float_top1:.2f} %", (0.01, float_top1), xycoords=("axes fraction", "data"),
-                    textcoords="offset points", xytext=(0, 4), fontsize=8, color="grey")
     ax.set_xscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(plain)
     ax.tick_params(axis="x", which="minor", labelsize=7)
-    ax.set_ylim(bottom=floor - 0.5, top=(float_top1 or max(trained)) + 1.0)
+    ax.set_ylim(bottom=floor - 0.5, top=top)
     ax.set_xlabel("packed weight size (KiB, log scale)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(title + ("\n(points below the axis are drawn on it, their accuracy in brackets)"
-                          if any(r.summary["quant_top1"] < floor for r in done) else ""))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
+
+
+def pareto_plot(runs: list[Run], path: Path, title: str = "Test top-1 vs packed weight size") -> Path:
+    """Top-1 against packed weight KiB (log axis): the whole range, and beside it the region within
+    three points of the float model, where the runs worth comparing crowd together. Points far
+    below a panel's range sit on its bottom edge with their accuracy in brackets."""
+    done = [r for r in runs if r.complete]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6), dpi=120)
+    float_top1 = done[0].summary["float_top1"] if done else None
+    trained = [r.summary["quant_top1"] for r in done if r.method != "ptq"] or [r.summary["quant_top1"] for r in done]
+    floor = min(trained + [float_top1 or 100.0]) - 2.0
+    top = (float_top1 or max(trained, default=100.0)) + 1.0
+    labelled = _labelled(done)
+    near = (float_top1 or max(trained, default=100.0)) - 3.0
+    _draw(axes[0], done, floor, top, labelled)
+    _draw(axes[1], [r for r in done if r.summary["quant_top1"] >= near], near, top, labelled)
+    for ax in axes:
+        if float_top1 is not None:
+            ax.axhline(float_top1, color="grey", linestyle="--", linewidth=1)
+            ax.annotate(f"float32 {float_top1:.2f} %", (0.01, float_top1), xycoords=("axes fraction", "data"),
+                        textcoords="offset points", xytext=(0, 4), fontsize=8, color="grey")
+        ax.legend(loc="lower right")
+    axes[0].set_title(title + ("\n(points below the axis are drawn on it, their accuracy in brackets)"
+                               if any(r.summary["quant_top1"] < floor for r in done) else ""))
+    axes[1].set_title(f"within 3 points of float ({near:.1f} % and up)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
