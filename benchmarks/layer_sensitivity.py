@@ -91,7 +91,7 @@ def dual_ranking(args: argparse.Namespace, seed: int) -> dict[str, float]:
     return duals
 
 
-def finetuned_top1(args: argparse.Namespace, high: set[str]) -> float:
+def finetuned_top1(args: argparse.Namespace, high: set[str], distiller: Distiller | None) -> float:
     pl.seed_everything(0, workers=True)
     data = data_for(args, 0)
     qmodel = quantized(args, data, high)
@@ -99,7 +99,6 @@ def finetuned_top1(args: argparse.Namespace, high: set[str]) -> float:
         p.requires_grad_(False)
     optimizer = (functools.partial(torch.optim.SGD, momentum=0.9, weight_decay=1e-4) if args.optimizer == "sgd"
                  else functools.partial(torch.optim.Adam))
-    distiller = Distiller(float_net(args), alpha=0.9, temperature=4.0) if args.distill else None
     module = ClassifierModule(qmodel, 10, optimizer, args.finetune_lr or args.lr, distiller)
     trainer(args.epochs).fit(module, datamodule=data)
     return evaluate(qmodel, data.test_dataloader(), 10)
@@ -130,10 +129,12 @@ def main() -> None:
     mean = {n: sum(d[n] for d in duals.values()) / len(duals) for n in names}
     order = [n for n, _ in ranked(mean)]
 
-    rows = [("-", "none (all 2-bit)", finetuned_top1(args, set()), "", float("nan"))]
+    distiller = Distiller(float_net(args), alpha=0.9, temperature=4.0) if args.distill else None
+    rows = [("-", "none (all 2-bit)", finetuned_top1(args, set(), distiller), "", float("nan"))]
     for k in args.ks:
         top, bottom = order[:k], order[-k:]
-        rows.append((k, ", ".join(top), finetuned_top1(args, set(top)), ", ".join(bottom), finetuned_top1(args, set(bottom))))
+        rows.append((k, ", ".join(top), finetuned_top1(args, set(top), distiller), ", ".join(bottom),
+                     finetuned_top1(args, set(bottom), distiller)))
 
     recipe = f"{args.optimizer}, lr {args.finetune_lr or args.lr}" + (", distilled from the float model" if args.distill else "")
     lines = [

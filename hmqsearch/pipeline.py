@@ -6,6 +6,7 @@ step, including whether the budgets can be met at all.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -25,12 +26,12 @@ from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.constrained.proximity import ProximityConstraints, ProximitySpec
 from hmqsearch.constrained.repair import fill, repair
-from hmqsearch.constrained.warm_start import STARTS, warm_start
+from hmqsearch.constrained.warm_start import check_start, warm_start
 from hmqsearch.cost import latency as lat
 from hmqsearch.cost import size
 from hmqsearch.errors import UserError
 from hmqsearch.export.precision import write_precision
-from hmqsearch.export.stage import export_config, export_into_summary
+from hmqsearch.export.stage import export_config, export_into_summary, export_run
 from hmqsearch.io import atomic_write, write_json
 from hmqsearch.lit.checkpointing import LAST
 from hmqsearch.lit.classifier import ClassifierModule
@@ -247,8 +248,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     spec, budgets = quant_spec(cfg), budget_spec(cfg)
     proximity_spec(cfg)
     distill = distill_spec(cfg)
-    if cfg.search.get("start", "highest") not in STARTS:
-        raise UserError(f"search.start={cfg.search.start!r}; allowed: {', '.join(STARTS)}")
+    check_start(cfg.search.get("start", "highest"))
     _check_epochs(cfg)
     export_config(OmegaConf.to_container(cfg.export, resolve=True))  # export options checked before training
     pl.seed_everything(cfg.seed, workers=True)
@@ -363,19 +363,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             config=OmegaConf.to_container(cfg, resolve=True),
         )
         atomic_write(run_dir / "quantized_state.pt", lambda p: torch.save(qmodel.state_dict(), p))
-        summary["finished"] = False  # until the export is done: a run killed while exporting can resume
+        summary["finished"] = not cfg.export.enabled  # until the export is done: a run killed while exporting can resume
         write_json(run_dir / "summary.json", summary)
 
         # export: ONNX graph + packed checkpoint, verified on the test set, latency measured
         if cfg.export.enabled:
-            t0 = time.time()
-            export_into_summary(
-                summary, qmodel, run_dir, test_loader, OmegaConf.to_container(cfg.export, resolve=True),
+            export_into_summary(summary, run_dir, functools.partial(
+                export_run, qmodel, run_dir, test_loader, OmegaConf.to_container(cfg.export, resolve=True),
                 arch=OmegaConf.to_container(cfg.model.net, resolve=True), spec=spec, latency_table=table,
-            )
-            summary["timings"]["export_s"] = time.time() - t0
-        summary["finished"] = True
-        write_json(run_dir / "summary.json", summary)
+            ))
         loggers.log_summary(summary)
         print_final_table(qmodel, summary, costs["per_layer_weight_bytes_packed"])
         exit_code = 0

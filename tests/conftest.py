@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,6 @@ def shared_data() -> Path:
 def train_run(tmp_path: Path):
     """Run train.py in a subprocess from ``tmp_path`` with ``overrides``, the run directory
     ``tmp_path/run`` (returned with the finished process)."""
-    import subprocess
-    import sys
 
     def run(*overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
         run_dir = tmp_path / "run"

@@ -34,7 +34,7 @@ def test_feasible_uniform_start_is_the_highest_uniform_width_within_budget(compr
     assert weight_bits == {bits}
     # one more bit everywhere would break the budget
     for _, layer in qmodel.layers():
-        layer.wq.init_from_data(layer.weight.detach(), bits + 1)
+        layer.wq.start_at(bits + 1)
     assert not c.satisfied()
 
 

@@ -13,6 +13,7 @@ import logging
 
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.errors import UserError
+from hmqsearch.quant.hmq import HMQQuantizer
 from hmqsearch.quant.prepare import QuantModel
 
 log = logging.getLogger(__name__)
@@ -20,12 +21,13 @@ log = logging.getLogger(__name__)
 STARTS = ("highest", "feasible_uniform")
 
 
-def _start_weights_at(qmodel: QuantModel, bits: int | None) -> None:
-    for _, layer in qmodel.layers():
-        q = layer.wq
-        if q.float_pinned or len(q.bits) == 1:
-            continue
-        q.init_from_data(layer.weight.detach(), bits)
+def check_start(start: str) -> None:
+    if start not in STARTS:
+        raise UserError(f"search.start={start!r}; allowed: {', '.join(STARTS)}")
+
+
+def _searched_weight_quantizers(qmodel: QuantModel) -> list[HMQQuantizer]:
+    return [layer.wq for _, layer in qmodel.layers() if not layer.wq.float_pinned and len(layer.wq.bits) > 1]
 
 
 def warm_start(qmodel: QuantModel, constraints: list[Constraint], start: str) -> int | None:
@@ -35,19 +37,18 @@ def warm_start(qmodel: QuantModel, constraints: list[Constraint], start: str) ->
     quantizer (activations at their highest), meets every budget exactly. Returns it, or
     None for ``highest`` or when no uniform choice fits (the search then starts at the highest).
     """
-    if start not in STARTS:
-        raise UserError(f"search.start={start!r}; allowed: {', '.join(STARTS)}")
+    check_start(start)
     if start == "highest" or not constraints:
         return None
-    candidates = sorted({int(b) for _, layer in qmodel.layers() for b in layer.wq.bits.tolist()}, reverse=True)
-    for bits in candidates:
-        searched = [layer.wq for _, layer in qmodel.layers() if not layer.wq.float_pinned and len(layer.wq.bits) > 1]
-        if any(bits not in q.bits.tolist() for q in searched):
-            continue
-        _start_weights_at(qmodel, bits)
+    searched = _searched_weight_quantizers(qmodel)
+    common = set.intersection(*({int(b) for b in q.bits.tolist()} for q in searched)) if searched else set()
+    for bits in sorted(common, reverse=True):
+        for q in searched:
+            q.start_at(bits)
         if all(c.satisfied() for c in constraints):
             log.info("search starts at uniform %d-bit weights, the highest that meets every budget", bits)
             return bits
-    _start_weights_at(qmodel, None)
+    for q in searched:
+        q.start_at(int(q.bits.max()))
     log.info("no uniform weight bit-width meets every budget: the search starts at the highest")
     return None

@@ -18,12 +18,14 @@ final.  Its ``cfg_export`` keys, all optional (defaults in :data:`DEFAULTS`):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -154,30 +156,23 @@ def export_run(
     return {"export": figures}
 
 
-def export_into_summary(
-    summary: dict[str, Any],
-    qmodel: QuantModel,
-    run_dir: Path,
-    loader: Iterable[Any],
-    cfg_export: Mapping[str, Any] | None,
-    *,
-    arch: Mapping[str, Any],
-    spec: QuantSpec,
-    latency_table: LatencyTable | None = None,
-) -> None:
-    """:func:`export_run`, its figures added to ``summary`` and ``run_dir/summary.json`` rewritten.
-
-    A failed verification is recorded too (``summary["export"]["passed"] = False``) before the
-    :class:`VerificationError` propagates.
+def export_into_summary(summary: dict[str, Any], run_dir: Path, export: Callable[[], dict[str, Any]]) -> None:
+    """Run ``export`` (an :func:`export_run` call), add its figures to ``summary`` and rewrite
+    ``run_dir/summary.json`` once: marked finished, with ``timings.export_s`` where the summary
+    keeps timings.  A failed verification is recorded too (``summary["export"]["passed"] =
+    False``, the run left unfinished) before the :class:`VerificationError` propagates.
     """
+    started = time.time()
     try:
-        figures = export_run(qmodel, run_dir, loader, cfg_export, arch=arch, spec=spec, latency_table=latency_table)
-        summary.update(figures)
+        summary.update(export())
         summary["export"]["passed"] = True
+        summary["finished"] = True
     except VerificationError as exc:
         summary["export"] = {"passed": False, "verify": exc.result, "error": str(exc)}
         raise
     finally:
+        if "timings" in summary:
+            summary["timings"]["export_s"] = time.time() - started
         write_json(Path(run_dir) / "summary.json", summary)
 
 
@@ -299,8 +294,8 @@ def run_export_stage(cfg: Any, out_dir: Path) -> dict[str, Any]:
     table = None
     if cost.get("latency") == "measured":
         table = build_latency_table(run.qmodel, "measured", None, cost.get("latency_table"))
-    export_into_summary(
-        summary, run.qmodel, target, run.loader, OmegaConf.to_container(e, resolve=True),
+    export_into_summary(summary, target, functools.partial(
+        export_run, run.qmodel, target, run.loader, OmegaConf.to_container(e, resolve=True),
         arch=run.arch, spec=run.spec, latency_table=table,
-    )
+    ))
     return summary

@@ -56,7 +56,7 @@ class Distiller:
         first = next(self._teacher.parameters(), None)
         if first is not None and first.device != x.device:
             self._teacher.to(x.device)
-        return self._teacher.eval()(x)
+        return self._teacher(x)
 
     def loss(self, student_logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
         t = self.temperature

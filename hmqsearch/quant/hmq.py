@@ -121,11 +121,17 @@ class HMQQuantizer(nn.Module):
         mse = torch.stack([(self._quant(x, step[k], lo[k], hi[k]) - x).pow(2).mean() for k in range(len(step))])
         return mse.reshape(self.logits.shape)
 
-    def init_from_data(self, x: Tensor, start_bits: int | None = None) -> None:
-        """Initialise the logits with each bit-width's lowest-MSE threshold on ``x`` preferred,
-        and the initial mass on ``start_bits`` (default: the highest candidate)."""
-        row = -1 if start_bits is None else self.bits.tolist().index(start_bits)
+    def init_from_data(self, x: Tensor) -> None:
+        """Initialise the logits with each bit-width's lowest-MSE threshold on ``x`` preferred."""
         best = self.candidate_mse(x).argmin(1)
+        with torch.no_grad():
+            self.logits.copy_(self._initial_logits(self.init_mass, best).to(self.logits.device))
+
+    def start_at(self, bits: int) -> None:
+        """Move the initial mass to bit-width ``bits``, each row keeping its preferred threshold
+        (the row's argmax: the initial logits put the row prior there)."""
+        row = self.bits.tolist().index(bits)
+        best = self.logits.detach().argmax(1)
         with torch.no_grad():
             self.logits.copy_(self._initial_logits(self.init_mass, best, row).to(self.logits.device))
 
