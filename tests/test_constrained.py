@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.constrained.dual import DualVariables
-from hmqsearch.constrained.repair import repair
+from hmqsearch.constrained.repair import fill, repair
 from hmqsearch.cost import size
 from hmqsearch.errors import UserError
 from hmqsearch.lit.search import SearchModule
@@ -82,6 +82,26 @@ def test_repair_lowers_precision_until_feasible():
     assert steps and all(s.to_bits < s.from_bits for s in steps)
     # no step was needless: undoing the last one breaks the budget
     assert repair(qmodel, [c]) == []
+
+
+def test_fill_spends_slack_where_it_buys_most_preference_per_byte():
+    """Both layers at 2 bits; the large one leans slightly more on 4 bits. 130 bytes of slack buy
+    either the large layer 2 -> 4 (128 bytes) or the small one 2 -> 4 -> 8 (96): per byte the
+    small layer wins, and the large one's raise no longer fits afterwards."""
+    qmodel = toy()
+    (_, big), (_, small) = qmodel.layers()
+    for layer, lean in ((big, 3.0), (small, 2.0)):
+        with torch.no_grad():
+            layer.wq.logits.fill_(-10.0)
+            layer.wq.logits[0, 0] = 10.0  # 2 bits
+            layer.wq.logits[1, 0] = lean  # the search's second choice: 4 bits
+            layer.wq.logits[2, 0] = 0.0
+    [c] = build_constraints(qmodel, BudgetSpec(weight_kb=(size.min_weight_bytes(qmodel) + 130) / 1024), None)
+    steps = fill(qmodel, [c])
+    assert [(s.quantizer, s.from_bits, s.to_bits) for s in steps] == [
+        ("2.weight", 2, 4), ("2.weight", 4, 8)]
+    assert big.wq.scheme().bits == 2 and c.satisfied()
+    assert fill(qmodel, [c]) == []  # nothing else fits
 
 
 def test_checkpoint_round_trip_of_duals_and_temperature(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -89,29 +90,45 @@ def repair(
         steps.append(step)
 
 
+def _normalised_cost(constraints: list[Constraint]) -> float:
+    return sum(c.exact() / c.budget for c in constraints)
+
+
 def fill(qmodel: QuantModel, constraints: list[Constraint]) -> list[RepairStep]:
     """Spend budget slack left by the argmax: raise precision while every budget still holds.
 
     The expected costs the search constrains average over the logits' mass, so the argmax of
-    a converged search usually lands below its budgets.  Each step raises the quantizer whose
-    next-higher bit-width holds the most probability (the search's own second choice) by one
-    bit-width, if the assignment stays feasible with exact costs.
+    a converged search usually lands below its budgets.  Each step raises by one bit-width the
+    quantizer with the most probability on its next-higher bit-width (the search's own second
+    choice) per unit of normalised cost that raise adds, the mirror of :func:`repair`; a raise
+    that adds no cost goes first.  A raise that would break a budget blocks that quantizer.
+    Ranking by mass alone spends the slack on whichever large layer the search leaned on
+    slightly more, where the same bytes lift several small layers (the first convolution,
+    the classifier) by several bit-widths.
     """
     steps: list[RepairStep] = []
     quantizers = [(n, q) for n, q in qmodel.quantizers() if not q.float_pinned]
     blocked: set[str] = set()
     while True:
-        best: tuple[float, str, HMQQuantizer, int, int] | None = None
+        before = _normalised_cost(constraints)
+        best: tuple[float, float, str, HMQQuantizer, int, int] | None = None
         for name, q in quantizers:
             b, _ = q.chosen_index()
             if name in blocked or b + 1 >= len(q.bits):
                 continue
             mass = float(q.bit_probs().detach()[b + 1])
-            if best is None or mass > best[0]:
-                best = (mass, name, q, b + 1, int(torch.argmax(q.logits.detach()[b + 1])))
+            j = int(torch.argmax(q.logits.detach()[b + 1]))
+            saved = q.logits.detach().clone()
+            _make_argmax(q, b + 1, j)
+            added = _normalised_cost(constraints) - before
+            with torch.no_grad():
+                q.logits.copy_(saved)
+            score = math.inf if added <= 0 else mass / added
+            if best is None or (score, mass) > best[:2]:
+                best = (score, mass, name, q, b + 1, j)
         if best is None:
             return steps
-        mass, name, q, b, j = best
+        _, mass, name, q, b, j = best
         saved = q.logits.detach().clone()
         old_bits = q.scheme().bits
         _make_argmax(q, b, j)
