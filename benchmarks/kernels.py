@@ -4,7 +4,7 @@ For float32 tensors of 1 MB to 512 MB (shape [channels, n]), per tensor and per 
 (axis 0), with an int8 power-of-two grid (step 2^-4, lo = -128 step, hi = 127 step, what
 torch.fake_quantize_per_*_affine computes with that scale, zero point 0 and [-128, 127]):
 
-* ``hmq cuda kernels``  the fused extension (CUDA only, when it builds)
+* ``hmq cuda kernels`` / ``hmq cpu kernels``  the fused extension of the device, when it builds
 * ``hmq pytorch``       the plain PyTorch implementation (HMQ_DISABLE_KERNELS=1)
 * ``torch.fake_quantize`` torch.fake_quantize_per_tensor_affine / _per_channel_affine
 
@@ -36,7 +36,8 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmqsearch.kernels import active_backend, backend_report, fake_quant  # noqa: E402
 
-KERNELS, PYTORCH = "hmq cuda kernels", "hmq pytorch"
+KERNELS = {"cuda-kernels": "hmq cuda kernels", "cpu-kernels": "hmq cpu kernels"}
+PYTORCH = "hmq pytorch"
 TORCH_FQ, COPY = "torch.fake_quantize", "copy"
 QMIN, QMAX, STEP = -128, 127, 2.0**-4
 
@@ -107,9 +108,10 @@ def methods(x: Tensor, grad: Tensor, per_channel: bool) -> dict[str, Callable[[]
                 os.environ["HMQ_DISABLE_KERNELS"] = previous
 
     found: dict[str, Callable[[], Tensor]] = {}
-    if x.device.type == "cuda" and active_backend(x.device) == "cuda-kernels":
-        found[KERNELS] = hmq
-    found[PYTORCH] = pytorch if x.device.type == "cuda" else hmq
+    compiled = active_backend(x.device)
+    if compiled in KERNELS:
+        found[KERNELS[compiled]] = hmq
+    found[PYTORCH] = pytorch
     found[TORCH_FQ] = torch_fq
     return found
 

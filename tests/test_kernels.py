@@ -3,13 +3,15 @@
 Forward: bit for bit equal to the reference in float32 (float16/bfloat16: the reference on the
 float32 upcast, rounded once).  Gradients: the straight-through rule of functional.py's
 docstring, allclose to autograd through the reference wherever no input sits exactly on a
-clipping bound.  GPU tests compare the CUDA kernels with the PyTorch implementation.
+clipping bound.  The CPU numerics tests run on both CPU backends (the compiled kernel and the
+PyTorch implementation); GPU tests compare the CUDA kernels with the PyTorch implementation.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 
 import pytest
 import torch
@@ -96,11 +98,24 @@ def ste_grads(x: Tensor, params, axis: Axis, grad: Tensor) -> list[Tensor]:
     ]
 
 
+@pytest.fixture(params=["cpu-kernels", "pytorch"])
+def cpu_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test on the compiled CPU kernel, then on the PyTorch implementation."""
+    if request.param == "pytorch":
+        monkeypatch.setenv("HMQ_DISABLE_KERNELS", "1")
+    else:
+        monkeypatch.delenv("HMQ_DISABLE_KERNELS", raising=False)
+        if shutil.which("c++") is None:
+            pytest.skip("no C++ compiler to build the CPU kernel")
+    assert active_backend("cpu") == request.param
+    return request.param
+
+
 # ------------------------------------------------------------------- CPU: numerics
 @pytest.mark.parametrize("axis", LAYOUTS)
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("pot", [True, False], ids=["pot", "expected"])
-def test_matches_reference(axis: Axis, signed: bool, pot: bool) -> None:
+def test_matches_reference(axis: Axis, signed: bool, pot: bool, cpu_backend: str) -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(SHAPE, generator=gen) * 2
     grad = torch.randn(SHAPE, generator=gen)
@@ -112,7 +127,7 @@ def test_matches_reference(axis: Axis, signed: bool, pot: bool) -> None:
     assert_grads_close(grads, ste_grads(x, params, axis, grad))
 
 
-def test_clipping_edges_follow_the_ste_rule() -> None:
+def test_clipping_edges_follow_the_ste_rule(cpu_backend: str) -> None:
     step, lo, hi = torch.tensor(0.5), torch.tensor(-4.0), torch.tensor(3.5)
     inf = torch.tensor(math.inf)
     below, above = torch.nextafter(lo, -inf), torch.nextafter(hi, inf)
@@ -129,7 +144,7 @@ def test_clipping_edges_follow_the_ste_rule() -> None:
     torch.testing.assert_close(gs, ste_grads(x, (step, lo, hi), None, grad)[1])
 
 
-def test_ties_round_half_to_even() -> None:
+def test_ties_round_half_to_even(cpu_backend: str) -> None:
     step = torch.tensor(0.25)
     k = torch.arange(-6, 6, dtype=torch.float32)
     x = (k + 0.5) * step  # exactly representable ties
@@ -139,7 +154,7 @@ def test_ties_round_half_to_even() -> None:
     assert_bitwise(out, fake_quant_ref(x, step, torch.tensor(-8.0), torch.tensor(8.0)))
 
 
-def test_nan_and_inf() -> None:
+def test_nan_and_inf(cpu_backend: str) -> None:
     """NaN stays NaN with zero grad_x and poisons grad_step of its channel only;
     +inf/-inf become hi/lo and send their gradient to hi/lo."""
     x = torch.tensor([[math.nan, math.inf, -math.inf, 0.3], [0.1, 0.2, 9.0, -9.0]])
@@ -162,7 +177,7 @@ def test_nan_and_inf() -> None:
 @pytest.mark.parametrize(
     ("shape", "axis"), [((0,), None), ((0, 3), 1), ((4, 0), 0), ((2, 0, 3), -1)]
 )
-def test_empty(shape: tuple[int, ...], axis: Axis) -> None:
+def test_empty(shape: tuple[int, ...], axis: Axis, cpu_backend: str) -> None:
     x = torch.empty(shape)
     params = make_params(shape, axis, True, True)
     out, (gx, gs, gl, gh) = run(x, params, axis, torch.empty(shape))
@@ -181,7 +196,7 @@ def test_empty(shape: tuple[int, ...], axis: Axis) -> None:
     ],
 )
 @pytest.mark.parametrize("axis", LAYOUTS)
-def test_non_contiguous(view, axis: Axis) -> None:
+def test_non_contiguous(view, axis: Axis, cpu_backend: str) -> None:
     gen = torch.Generator().manual_seed(2)
     base = (torch.randn(6, 8, 4, 3, generator=gen) * 2).requires_grad_()
     x = view(base)
@@ -297,50 +312,64 @@ def test_torch_compile_inductor() -> None:
     _compiled_matches_eager("inductor")
 
 
+CPU_EXT = "extension 'hmqsearch_fake_quant_cpu' built from fake_quant_cpu.cpp"
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
+
+
+@needs_compiler
 def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert active_backend("cpu") == "pytorch"
-    assert "cpu: pytorch" in backend_report()
+    monkeypatch.delenv("HMQ_DISABLE_KERNELS", raising=False)
+    assert active_backend("cpu") == "cpu-kernels"
+    assert active_backend("cpu", torch.float16) == "pytorch"
+    assert f"cpu: cpu-kernels ({CPU_EXT})" in backend_report()
     monkeypatch.setenv("HMQ_DISABLE_KERNELS", "1")
+    assert active_backend("cpu") == "pytorch"
     assert active_backend("cuda") == "pytorch"
-    assert "HMQ_DISABLE_KERNELS" in backend_report()
+    assert "cpu: pytorch (HMQ_DISABLE_KERNELS is set)" in backend_report()
     if not torch.cuda.is_available():
         monkeypatch.delenv("HMQ_DISABLE_KERNELS")
-        assert active_backend() == "pytorch"
+        assert active_backend() == "cpu-kernels"
         assert "cuda: pytorch (torch.cuda.is_available() is False)" in backend_report()
 
 
+@needs_compiler
 def test_backend_logged_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    monkeypatch.delenv("HMQ_DISABLE_KERNELS", raising=False)
     monkeypatch.setattr(backend, "_announced", set())
     with caplog.at_level(logging.INFO, logger="hmqsearch.kernels"):
         for _ in range(3):
             fake_quant(torch.randn(4), 0.5, -4.0, 3.5)
+            fake_quant(torch.randn(4, dtype=torch.bfloat16), 0.5, -4.0, 3.5)
     assert [r.getMessage() for r in caplog.records if "fake_quant on cpu" in r.getMessage()] == [
-        "fake_quant on cpu: pytorch (custom kernels are CUDA only, cpu uses PyTorch)"
+        f"fake_quant on cpu: cpu-kernels ({CPU_EXT})",
+        "fake_quant on cpu: pytorch (the CPU kernel takes float32, torch.bfloat16 uses PyTorch)",
     ]
 
 
+@pytest.mark.parametrize("device_type", ["cuda", "cpu"])
 def test_build_failure_falls_back(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    device_type: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     from torch.utils import cpp_extension
 
     def failing_build(**kwargs: object) -> None:
         raise RuntimeError("Ninja is required to load C++ extensions\n(details)")
 
-    for name, value in (("_loaded", False), ("_extension", None), ("_failure", "")):
-        monkeypatch.setattr(backend, name, value)
+    fresh = backend._Build(backend._BUILDS[device_type].label, "never_built", ("none.cpp",))
+    monkeypatch.setitem(backend._BUILDS, device_type, fresh)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
     monkeypatch.setattr(cpp_extension, "load", failing_build)
     monkeypatch.delenv("HMQ_DISABLE_KERNELS", raising=False)
     with caplog.at_level(logging.WARNING, logger="hmqsearch.kernels"):
-        assert backend.extension_for("cuda") is None
-        assert active_backend("cuda") == "pytorch"
+        assert backend.extension_for(device_type) is None
+        assert active_backend(device_type) == "pytorch"
     report = backend_report()
-    assert "cuda: pytorch (building the CUDA extension failed: RuntimeError: Ninja" in report
-    assert sum("building the CUDA extension failed" in r.getMessage() for r in caplog.records) == 1
+    failure = f"building the {device_type.upper()} extension failed"
+    assert f"{device_type}: pytorch ({failure}: RuntimeError: Ninja" in report
+    assert sum(failure in r.getMessage() for r in caplog.records) == 1
 
 
 # ----------------------------------------------------------- GPU: kernels vs PyTorch

@@ -1,7 +1,8 @@
-"""Fused fake-quant kernels (CUDA) with an identical plain-PyTorch path, as torch custom ops.
+"""Fused fake-quant kernels (CUDA, and float32 CPU) with an identical plain-PyTorch path, as
+torch custom ops.
 
-``fake_quant`` runs the CUDA extension on CUDA tensors when it can be built, PyTorch
-otherwise; ``active_backend`` and ``backend_report`` say which and why, and
+``fake_quant`` runs the CUDA extension on CUDA tensors and the CPU extension on float32 CPU
+tensors when they can be built, PyTorch otherwise; ``active_backend`` and ``backend_report`` say which and why, and
 ``HMQ_DISABLE_KERNELS=1`` forces PyTorch.
 """
 

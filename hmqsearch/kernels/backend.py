@@ -1,17 +1,24 @@
-"""Which implementation runs fake_quant: the CUDA extension or plain PyTorch, and why.
+"""Which implementation runs fake_quant: a compiled extension or plain PyTorch, and why.
 
-On the first CUDA call the extension (``binding.cpp`` + ``fake_quant.cu``) is built with
-``torch.utils.cpp_extension.load`` into torch's default extensions directory, where later
-processes reuse it.  No GPU, no CUDA toolkit, ``HMQ_DISABLE_KERNELS=1`` or a failed build
-(logged as a warning) all select the PyTorch implementation instead; nothing raises.  The
-choice per device type is logged once on the ``hmqsearch.kernels`` logger.
+Two extensions, each built on first need with ``torch.utils.cpp_extension.load`` into torch's
+default extensions directory, where later processes reuse it:
+
+* CUDA tensors: ``binding.cpp`` + ``fake_quant.cu`` (needs a GPU and the CUDA toolkit);
+* float32 CPU tensors: ``fake_quant_cpu.cpp`` (needs a C++ compiler): one fused pass instead
+  of the PyTorch implementation's 6 (forward) and 17 (backward) elementwise passes.
+
+``HMQ_DISABLE_KERNELS=1``, a missing GPU or toolkit, another dtype on CPU, or a failed build
+(logged as a warning) select the PyTorch implementation instead; nothing raises.  The choice
+per (device type, dtype) is logged once on the ``hmqsearch.kernels`` logger.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import platform
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -21,15 +28,32 @@ log = logging.getLogger("hmqsearch.kernels")
 
 DISABLE_ENV = "HMQ_DISABLE_KERNELS"
 CUDA_KERNELS = "cuda-kernels"
+CPU_KERNELS = "cpu-kernels"
 PYTORCH = "pytorch"
 
-_SOURCES = ("binding.cpp", "fake_quant.cu")
-_EXTENSION_NAME = "hmqsearch_fake_quant"
+_HERE = Path(__file__).resolve().parent
+_CPU_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    _CPU_FLAGS.append("-msse4.1")  # vectorised round-half-to-even (roundps)
 
+
+@dataclass
+class _Build:
+    """One extension: how to build it and the outcome of the (single) attempt."""
+
+    label: str
+    name: str
+    sources: tuple[str, ...]
+    loaded: bool = False  # a load was attempted (successfully or not)
+    extension: ModuleType | None = None
+    failure: str = ""  # why the extension is unavailable after a failed attempt
+
+
+_BUILDS = {
+    "cuda": _Build(CUDA_KERNELS, "hmqsearch_fake_quant", ("binding.cpp", "fake_quant.cu")),
+    "cpu": _Build(CPU_KERNELS, "hmqsearch_fake_quant_cpu", ("fake_quant_cpu.cpp",)),
+}
 _lock = threading.Lock()
-_loaded = False  # a load was attempted (successfully or not)
-_extension: ModuleType | None = None
-_failure = ""  # why the extension is unavailable after a failed attempt
 _announced: set[tuple[str, str, str]] = set()
 
 
@@ -38,81 +62,96 @@ def kernels_disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _load() -> None:
+def _unavailable(device_type: str) -> str:
+    """Why the extension for ``device_type`` cannot be built here ('' when it can be tried)."""
+    if device_type != "cuda":
+        return ""
+    if not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False"
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        return "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    return ""
+
+
+def _load(device_type: str) -> None:
     """Build or load the extension once per process, recording why when it is unavailable."""
-    global _loaded, _extension, _failure
+    build = _BUILDS[device_type]
     with _lock:
-        if _loaded:
+        if build.loaded:
             return
-        _loaded = True
-        if not torch.cuda.is_available():
-            _failure = "torch.cuda.is_available() is False"
+        build.loaded = True
+        build.failure = _unavailable(device_type)
+        if build.failure:
             return
         from torch.utils import cpp_extension
 
-        if cpp_extension.CUDA_HOME is None:
-            _failure = "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
-            return
-        here = Path(__file__).resolve().parent
+        flags = {"extra_cuda_cflags": ["-O3"], "extra_cflags": ["-O3"]} if device_type == "cuda" else {
+            "extra_cflags": _CPU_FLAGS, "extra_ldflags": ["-fopenmp"]}
         try:
-            _extension = cpp_extension.load(
-                name=_EXTENSION_NAME,
-                sources=[str(here / s) for s in _SOURCES],
-                extra_cflags=["-O3"],
-                extra_cuda_cflags=["-O3"],
-                verbose=False,
+            build.extension = cpp_extension.load(
+                name=build.name, sources=[str(_HERE / s) for s in build.sources], verbose=False, **flags
             )
         except Exception as exc:  # any build or import error means: use PyTorch
             first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-            _failure = f"building the CUDA extension failed: {type(exc).__name__}: {first_line}"
-            log.warning("%s; using the PyTorch implementation. Full error:\n%s", _failure, exc)
+            build.failure = f"building the {device_type.upper()} extension failed: {type(exc).__name__}: {first_line}"
+            log.warning("%s; using the PyTorch implementation. Full error:\n%s", build.failure, exc)
 
 
-def _resolve(device_type: str) -> tuple[ModuleType | None, str]:
-    """(extension or None, reason) for a device type, loading the extension on first need."""
-    if device_type != "cuda":
-        return None, f"custom kernels are CUDA only, {device_type} uses PyTorch"
+def _resolve(device_type: str, dtype: torch.dtype = torch.float32) -> tuple[ModuleType | None, str]:
+    """(extension or None, reason) for a device type and dtype, loading the extension on first need."""
+    build = _BUILDS.get(device_type)
+    if build is None:
+        return None, f"no custom kernels for {device_type}, it uses PyTorch"
+    if device_type == "cpu" and dtype != torch.float32:
+        return None, f"the CPU kernel takes float32, {dtype} uses PyTorch"
     if kernels_disabled():
         return None, f"{DISABLE_ENV} is set"
-    if not _loaded:
-        _load()
-    if _extension is None:
-        return None, _failure
-    return _extension, f"extension {_EXTENSION_NAME!r} built from {', '.join(_SOURCES)}"
+    if not build.loaded:
+        _load(device_type)
+    if build.extension is None:
+        return None, build.failure
+    return build.extension, f"extension {build.name!r} built from {', '.join(build.sources)}"
 
 
-def extension_for(device_type: str) -> ModuleType | None:
-    """The extension to run a call on ``device_type`` with, or None for PyTorch.
+def _label(device_type: str, ext: ModuleType | None) -> str:
+    return _BUILDS[device_type].label if ext is not None else PYTORCH
+
+
+def extension_for(device_type: str, dtype: torch.dtype = torch.float32) -> ModuleType | None:
+    """The extension to run a call on ``device_type`` / ``dtype`` with, or None for PyTorch.
 
     The choice is logged once per distinct (device type, backend, reason).
     """
-    ext, reason = _resolve(device_type)
-    key = (device_type, CUDA_KERNELS if ext is not None else PYTORCH, reason)
+    ext, reason = _resolve(device_type, dtype)
+    key = (device_type, _label(device_type, ext), reason)
     if key not in _announced:
         _announced.add(key)
         log.info("fake_quant on %s: %s (%s)", *key)
     return ext
 
 
-def active_backend(device: torch.device | str | None = None) -> str:
-    """'cuda-kernels' or 'pytorch': what fake_quant runs on ``device``.
+def active_backend(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> str:
+    """'cuda-kernels', 'cpu-kernels' or 'pytorch': what fake_quant runs on ``device`` for ``dtype``.
 
-    ``device`` defaults to cuda when available, else cpu.  For a CUDA device this builds or
-    loads the extension if that was not done yet.
+    ``device`` defaults to cuda when available, else cpu.  This builds or loads the
+    extension if that was not done yet.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    ext, _ = _resolve(torch.device(device).type)
-    return CUDA_KERNELS if ext is not None else PYTORCH
+    device_type = torch.device(device).type
+    ext, _ = _resolve(device_type, dtype)
+    return _label(device_type, ext) if device_type in _BUILDS else PYTORCH
 
 
 def backend_report() -> str:
-    """One line per device type (cpu, cuda): the active backend and why.
+    """One line per device type (cpu, cuda): the float32 backend and why.
 
-    On a machine with a GPU this builds or loads the extension if that was not done yet.
+    This builds or loads the extensions that can be built here, if that was not done yet.
     """
     lines = []
     for device_type in ("cpu", "cuda"):
         ext, reason = _resolve(device_type)
-        lines.append(f"{device_type}: {CUDA_KERNELS if ext is not None else PYTORCH} ({reason})")
+        lines.append(f"{device_type}: {_label(device_type, ext)} ({reason})")
     return "\n".join(lines)

@@ -2,8 +2,8 @@
 
 ``hmqsearch::fake_quant`` and ``hmqsearch::fake_quant_backward`` are ``torch.library``
 custom ops with fake (meta) implementations and autograd, so they trace under
-``torch.compile`` as single opaque nodes.  Each call runs the CUDA extension when
-:mod:`hmqsearch.kernels.backend` provides one for the tensor's device, else
+``torch.compile`` as single opaque nodes.  Each call runs the compiled extension when
+:mod:`hmqsearch.kernels.backend` provides one for the tensor's device and dtype, else
 :mod:`hmqsearch.kernels.torch_impl`; both have the same numerics.
 """
 
@@ -22,7 +22,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @torch.library.custom_op("hmqsearch::fake_quant", mutates_args=())
 def fake_quant_op(x: Tensor, step: Tensor, lo: Tensor, hi: Tensor, axis: int | None) -> Tensor:
     """Fake quantization with float32 step/lo/hi: 0-dim (axis None) or (x.shape[axis],)."""
-    ext = backend.extension_for(x.device.type)
+    ext = backend.extension_for(x.device.type, x.dtype)
     if ext is None:
         return torch_impl.forward(x, step, lo, hi, axis)
     return ext.forward(x, step, lo, hi, axis)
@@ -44,7 +44,7 @@ def fake_quant_backward_op(
     param_grads: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_step, grad_lo, grad_hi); parameter gradients are zeros unless param_grads."""
-    ext = backend.extension_for(x.device.type)
+    ext = backend.extension_for(x.device.type, x.dtype)
     if ext is None:
         return torch_impl.backward(grad, x, step, lo, hi, axis, param_grads)
     return ext.backward(grad, x, step, lo, hi, axis, param_grads)
