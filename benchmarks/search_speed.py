@@ -8,7 +8,10 @@ search and of the fine-tune, on the same batch, in one run, and print the ratios
 * finetune  the searched model with its assignment frozen (argmax schemes), SGD
 
 Medians over --steps after --warmup steps.  Default: CIFAR ResNet-20, batch 128, CPU, random
-data shaped like CIFAR-10 (the step time does not depend on the pixel values).
+data shaped like CIFAR-10 (the step time does not depend on the pixel values), batch norm kept
+as in the CIFAR-10 recipe (``--fold-bn`` folds it into the convolutions, as
+``search.fold_bn=true`` does). The fake-quant backend (compiled kernel or PyTorch) is printed;
+``HMQ_DISABLE_KERNELS=1`` times the PyTorch one.
 
     python benchmarks/search_speed.py                     # ResNet-20, batch 128
     python benchmarks/search_speed.py --profile 5         # plus a torch.profiler table of the search step
@@ -32,6 +35,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmqsearch.constrained.budgets import BudgetSpec, build_constraints  # noqa: E402
 from hmqsearch.constrained.dual import DualVariables  # noqa: E402
+from hmqsearch.kernels import active_backend  # noqa: E402
 from hmqsearch.lit.distill import Distiller  # noqa: E402
 from hmqsearch.models import resnet_cifar  # noqa: E402
 from hmqsearch.quant.calibrate import calibrate_activations  # noqa: E402
@@ -49,7 +53,7 @@ def median_seconds(step: Callable[[], None], warmup: int, steps: int) -> float:
     return statistics.median(times)
 
 
-def make_steps(depth: int, batch: int) -> dict[str, Callable[[], None]]:
+def make_steps(depth: int, batch: int, fold_bn: bool = False) -> dict[str, Callable[[], None]]:
     """The three training steps, each on the same fixed batch."""
     torch.manual_seed(0)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
@@ -61,7 +65,8 @@ def make_steps(depth: int, batch: int) -> dict[str, Callable[[], None]]:
         F.cross_entropy(net(x), y).backward()
         float_opt.step()
 
-    qmodel = prepare(net, QuantSpec(weight_bits=[2, 3, 4, 5, 6, 7, 8], act_bits=[4, 8]), x[:8])
+    spec = QuantSpec(weight_bits=[2, 3, 4, 5, 6, 7, 8], act_bits=[4, 8], fold_bn=fold_bn)
+    qmodel = prepare(net, spec, x[:8])
     calibrate_activations(qmodel, [x])
     constraints = build_constraints(qmodel, BudgetSpec(weight_compression=8), None)
     duals = DualVariables([c.name for c in constraints], lr=0.05)
@@ -106,13 +111,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--profile", type=int, default=0, help="profile this many search steps (torch.profiler)")
+    parser.add_argument("--fold-bn", action="store_true", help="fold batch norm into the convolutions")
     args = parser.parse_args()
 
-    steps = make_steps(args.depth, args.batch)
+    steps = make_steps(args.depth, args.batch, args.fold_bn)
     times = {name: median_seconds(step, args.warmup, args.steps) for name, step in steps.items()}
 
     table = Table(title=f"Training step, ResNet-{args.depth}, batch {args.batch}, CPU, "
-                        f"{torch.get_num_threads()} threads, median of {args.steps} after {args.warmup} warm-up")
+                        f"{torch.get_num_threads()} threads, median of {args.steps} after {args.warmup} warm-up, "
+                        f"batch norm {'folded' if args.fold_bn else 'kept'}, fake_quant: {active_backend('cpu')}")
     for col in ("step", "ms", "x float"):
         table.add_column(col, justify="left" if col == "step" else "right")
     for name, seconds in times.items():
@@ -120,7 +127,7 @@ def main() -> None:
     Console().print(table)
 
     if args.profile:
-        steps = make_steps(args.depth, args.batch)
+        steps = make_steps(args.depth, args.batch, args.fold_bn)
         with torch.profiler.profile() as prof:
             for _ in range(args.profile):
                 steps["search"]()
