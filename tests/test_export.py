@@ -18,6 +18,7 @@ from torch import nn
 from hmqsearch.cli import main as cli_main
 from hmqsearch.cost.size import exact_weight_bytes, overhead_bytes
 from hmqsearch.errors import UserError
+from hmqsearch.export.deployed import deployed_layers
 from hmqsearch.export.onnx_export import OPSET, build_onnx, export_onnx
 from hmqsearch.export.stage import export_run
 from hmqsearch.export.verify import VerificationError, fail_export, random_loader, verify_onnx
@@ -60,13 +61,16 @@ def _randomize_bn(net: nn.Module, seed: int = 0) -> None:
             m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
 
 
-def make_qmodel(bits: dict[str, tuple[int | None, int | None]], pins: list[Pin] | None = None) -> QuantModel:
+def make_qmodel(
+    bits: dict[str, tuple[int | None, int | None]], pins: list[Pin] | None = None, fold_bn: bool = True
+) -> QuantModel:
     """TinyNet prepared, calibrated on random data, with ``bits[layer] = (weight, input)`` fixed."""
     torch.manual_seed(0)
     net = TinyNet()
     _randomize_bn(net)
     x = torch.randn(64, *SHAPE)
-    spec = QuantSpec(weight_bits=[2, 3, 4, 5, 6, 7, 8], act_bits=[2, 4, 6, 8], pins=pins or [], first_layer_act_bits=None)
+    spec = QuantSpec(weight_bits=[2, 3, 4, 5, 6, 7, 8], act_bits=[2, 4, 6, 8], pins=pins or [],
+                     first_layer_act_bits=None, fold_bn=fold_bn)
     qmodel = prepare(net, spec, x[:8])
     calibrate_activations(qmodel, [x])
     for name, layer in qmodel.layers():
@@ -212,6 +216,35 @@ def test_onnxruntime_runs_the_predicted_integer_kernels(tmp_path, int8_model):
     _session(info.path, optimized=True, opt_path=tmp_path / "opt.onnx")
     optimized = onnx.load(str(tmp_path / "opt.onnx"))
     assert sum(n.op_type == "QLinearConv" for n in optimized.graph.node) == len(info.integer_kernel_layers)
+
+
+def test_batch_norm_kept_while_training_is_folded_into_the_graph(tmp_path):
+    """search.fold_bn=false: no BatchNormalization in the graph; each BN multiplies its layer's
+    per-channel weight scales, the integer codes stay the trained ones, and onnxruntime with
+    its integer kernels agrees with the PyTorch model (left in, onnxruntime fused the BN into
+    a float weight and re-quantized it per tensor)."""
+    qmodel = make_qmodel({"expand.0": (4, 8), "down.0": (2, 8)}, fold_bn=False)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in qmodel.net.modules()) == 5
+    x = torch.randn(256, *SHAPE, generator=torch.Generator().manual_seed(1))
+    info = export_onnx(qmodel, tmp_path / "m.onnx", x)
+    model = onnx.load(str(info.path))
+    onnx.checker.check_model(model, full_check=True)
+    assert not [n.name for n in model.graph.node if n.op_type == "BatchNormalization"]
+    stored = {i.name: i for i in model.graph.initializer}
+    for d in deployed_layers(qmodel):
+        if d.codes is not None and d.wscheme.container_bits == 8:
+            assert np.array_equal(onnx.numpy_helper.to_array(stored[f"{d.name}.weight_quantized"]), d.codes)
+    bn = qmodel.net.stem[1]
+    g = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy()
+    stem = next(d for d in deployed_layers(qmodel) if d.name == "stem.0")
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(stored["stem.0.weight_scale"]).reshape(-1),
+                                  (stem.wscheme.steps * g).astype(np.float32))
+    assert info.integer_kernel_layers
+    ref = _logits(qmodel, x)
+    for optimized in (False, True):
+        out = _session(info.path, optimized).run(None, {"input": x.numpy()})[0]
+        assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.99
+        assert np.abs(out - ref).mean() < 1e-3
 
 
 def test_verification_failure_renames_the_graph(tmp_path):

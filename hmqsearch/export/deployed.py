@@ -70,9 +70,12 @@ class DeployedLayer:
     pads: tuple[int, ...] = (0, 0, 0, 0)  # ONNX order: begins then ends
     dilation: tuple[int, ...] = (1, 1)
     groups: int = 1
+    channel_scale: np.ndarray | None = None  # float32 per output channel: a batch norm folded in (bn_fold.py)
 
     def at_bits(self, w_bits: int | None, a_bits: int | None) -> "DeployedLayer":
         """The same layer quantized at other bit-widths (None = float), same thresholds."""
+        if self.channel_scale is not None:
+            raise ValueError(f"{self.name}: choose bit-widths before folding a batch norm in")
         wscheme = None if w_bits is None or self.wscheme is None else self.wscheme.at_bits(w_bits)
         ascheme = None if a_bits is None or self.ascheme is None else self.ascheme.at_bits(a_bits)
         codes = None if wscheme is None else quantize_codes(torch.from_numpy(self.float_weight), wscheme)

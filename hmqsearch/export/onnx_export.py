@@ -48,6 +48,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -57,6 +58,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from hmqsearch.errors import UserError
+from hmqsearch.export.bn_fold import fold_batchnorm_into
 from hmqsearch.export.deployed import DeployedLayer, QScheme, deployed_layers
 from hmqsearch.export.intpack import pack
 from hmqsearch.io import atomic_write
@@ -141,7 +143,7 @@ def _weight(sub: Subgraph, layer: DeployedLayer, form: str, fused: bool) -> str:
     if scheme is None or layer.codes is None:
         return sub.init(_f32(layer.weight, f"{name}.weight"), "weight")
     w = sub.init(int_initializer(f"{name}.weight_quantized", layer.codes, scheme), "weight")
-    steps = scheme.steps
+    steps = scheme.steps if layer.channel_scale is None else (scheme.steps * layer.channel_scale).astype(np.float32)
     per_channel = steps.size > 1
     if form == "onnxruntime" and not fused:  # folded by onnxruntime into a float weight
         shape = (-1,) + (1,) * (layer.codes.ndim - 1) if per_channel else ()
@@ -232,12 +234,17 @@ class _MarkerLayer(nn.Module):
         return _MarkerOp.apply(x, self.index, self)
 
 
-def trace_markers(qmodel: QuantModel, layers: list[DeployedLayer], example: Tensor) -> onnx.ModelProto:
-    """The network traced to ONNX with one marker node per quantized layer (not yet runnable)."""
+def trace_markers(
+    qmodel: QuantModel, layers: list[DeployedLayer], example: Tensor, folded: Sequence[str] = ()
+) -> onnx.ModelProto:
+    """The network traced to ONNX with one marker node per quantized layer (not yet runnable);
+    the batch norms named in ``folded`` (already folded into ``layers``) become identities."""
     net = copy.deepcopy(qmodel.net).eval()
     modules = dict(net.named_modules())
     for index, layer in enumerate(layers):
         _replace_module(net, modules[layer.name], _MarkerLayer(layer, index))
+    for name in folded:
+        _replace_module(net, modules[name], nn.Identity())
     buf = io.BytesIO()
     # torch >= 2.9 defaults to the torch.export-based exporter; the marker needs the TorchScript one
     legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
@@ -470,7 +477,8 @@ def build_onnx(qmodel: QuantModel, example: Tensor, form: str = "onnxruntime", a
 
 def build_graph(qmodel: QuantModel, layers: list[DeployedLayer], example: Tensor, form: str = "onnxruntime") -> BuiltGraph:
     """The deployment graph of ``qmodel``'s network with its quantized layers deployed as ``layers``."""
-    traced = trace_markers(qmodel, layers, example[:1].detach().cpu().float())
+    layers, folded = fold_batchnorm_into(qmodel, layers)
+    traced = trace_markers(qmodel, layers, example[:1].detach().cpu().float(), folded)
     return _expand(traced, layers, form)
 
 

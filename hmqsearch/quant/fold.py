@@ -34,6 +34,39 @@ def _replace_module(model: nn.Module, target: nn.Module, new: nn.Module) -> None
                 setattr(parent, attr, new)
 
 
+def batchnorm_pairs(
+    model: nn.Module, graph: torch.fx.Graph, foldable: dict[type, type]
+) -> list[tuple[str, str]]:
+    """(layer, batch norm) names where the BN only ever follows that layer and the layer's every
+    call feeds that BN alone; ``foldable`` maps a layer type to the BN type that may follow it."""
+    modules = dict(model.named_modules())
+    followers: dict[str, set[str | None]] = defaultdict(set)  # layer -> what consumes each call
+    leaders: dict[str, set[str | None]] = defaultdict(set)  # bn -> what produces each input
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = modules[node.target]
+        if type(mod) in foldable:
+            users = list(node.users)
+            only = users[0] if len(users) == 1 else None
+            is_bn = only is not None and only.op == "call_module" and isinstance(
+                modules[only.target], foldable[type(mod)]
+            )
+            followers[node.target].add(only.target if is_bn else None)
+        elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            src = node.args[0] if node.args else None
+            is_layer = isinstance(src, torch.fx.Node) and src.op == "call_module"
+            leaders[node.target].add(src.target if is_layer and len(src.users) == 1 else None)
+    pairs = []
+    for layer_name, bns in followers.items():
+        if len(bns) != 1 or None in bns:
+            continue
+        bn_name = next(iter(bns))
+        if leaders[bn_name] == {layer_name}:
+            pairs.append((layer_name, bn_name))
+    return pairs
+
+
 def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
     """Fold every BN that only ever follows one conv/linear (and vice versa) into it, in place.
 
@@ -46,31 +79,8 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
         log.warning("batch norm left unfolded: torch.fx could not trace the model (%s)", exc)
         return []
     modules = dict(model.named_modules())
-    followers: dict[str, set[str | None]] = defaultdict(set)  # layer -> what consumes each call
-    leaders: dict[str, set[str | None]] = defaultdict(set)  # bn -> what produces each input
-    for node in graph.nodes:
-        if node.op != "call_module":
-            continue
-        mod = modules[node.target]
-        if type(mod) in _FOLDABLE:
-            users = list(node.users)
-            only = users[0] if len(users) == 1 else None
-            is_bn = only is not None and only.op == "call_module" and isinstance(
-                modules[only.target], _FOLDABLE[type(mod)]
-            )
-            followers[node.target].add(only.target if is_bn else None)
-        elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            src = node.args[0] if node.args else None
-            is_layer = isinstance(src, torch.fx.Node) and src.op == "call_module"
-            leaders[node.target].add(src.target if is_layer and len(src.users) == 1 else None)
-    folded = []
-    for layer_name, bns in followers.items():
-        if len(bns) != 1 or None in bns:
-            continue
-        bn_name = next(iter(bns))
-        if leaders[bn_name] != {layer_name}:
-            continue
+    pairs = batchnorm_pairs(model, graph, _FOLDABLE)
+    for layer_name, bn_name in pairs:
         _fold_into(modules[layer_name], modules[bn_name])
         _replace_module(model, modules[bn_name], nn.Identity())
-        folded.append((layer_name, bn_name))
-    return folded
+    return pairs
