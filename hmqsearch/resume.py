@@ -102,7 +102,9 @@ def resume_argv(argv: list[str]) -> list[str]:
     attempt = f"resume-{time.strftime('%Y%m%d-%H%M%S')}"  # this attempt's config and log
     return [
         argv[0], *overrides, *extra, f"resume={run_dir}", *([f"ckpt_path={ckpt_path}"] if ckpt_path else []),
-        f"hydra.run.dir={run_dir}", f"hydra.output_subdir=.hydra/{attempt}",
+        # hydra.mode=RUN: a job of a sweep preset (hparams_search=..., which sets MULTIRUN) would
+        # otherwise start a new multirun elsewhere instead of continuing in run_dir
+        "hydra.mode=RUN", f"hydra.run.dir={run_dir}", f"hydra.output_subdir=.hydra/{attempt}",
         f"hydra.job_logging.handlers.file.filename={run_dir / attempt}.log",
     ]
 

@@ -89,3 +89,22 @@ def test_run_killed_while_exporting_resumes_into_the_export_only(tmp_path):
     assert (run_dir / "model.onnx").is_file()
     assert final["quant_top1"] == summary["quant_top1"]
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints  # nothing retrained
+
+
+def test_resume_of_a_sweep_preset_job_runs_in_its_own_directory(tmp_path):
+    """A job launched by a preset that sets hydra.mode=MULTIRUN (hparams_search=budget_sweep)
+    resumes as one run in its directory, not as a new multirun elsewhere."""
+    from hydra import compose, initialize_config_dir
+    from hydra.types import RunMode
+
+    from hmqsearch.resume import resume_argv
+
+    run_dir = tmp_path / "c4"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
+        ["budget.weight_compression=4", "hparams_search=budget_sweep", "logger=none"]))
+    argv = resume_argv(["train.py", f"resume={run_dir}"])
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("train", overrides=argv[1:], return_hydra_config=True)
+    assert cfg.hydra.mode == RunMode.RUN
+    assert Path(cfg.hydra.run.dir) == run_dir.resolve() and cfg.budget.weight_compression == 4
