@@ -11,10 +11,10 @@ from hmqsearch.errors import UserError
 from hmqsearch.quant.prepare import QuantSpec, prepare
 
 
-def toy():
+def toy(init_mass=0.95):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 4))
-    spec = QuantSpec(weight_bits=[2, 3, 4, 5, 6, 7, 8], act_bits=[4, 8], first_layer_act_bits=None)
+    spec = QuantSpec(weight_bits=[2, 3, 4, 5, 6, 7, 8], act_bits=[4, 8], first_layer_act_bits=None, init_mass=init_mass)
     return prepare(net, spec, torch.randn(4, 64))
 
 
@@ -57,3 +57,21 @@ def test_highest_start_changes_nothing_and_bad_name_is_refused():
     assert all(torch.equal(b, layer.wq.logits) for b, (_, layer) in zip(before, qmodel.layers()))
     with pytest.raises(UserError, match="search.start='lowest'; allowed: highest, feasible_uniform"):
         warm_start(qmodel, [], "lowest")
+
+
+@pytest.mark.parametrize("init_mass", [0.3, 0.95])
+def test_init_mass_is_the_start_candidates_probability(init_mass):
+    qmodel = toy(init_mass)
+    bits = warm_start(qmodel, [size_constraint(qmodel, 8.5)], "feasible_uniform")
+    for _, layer in qmodel.layers():
+        row = layer.wq.bits.tolist().index(bits)
+        # the start candidate: the start width at its preferred threshold (inputs: the highest width)
+        start = layer.wq.probs().reshape(layer.wq.logits.shape)[row].max()
+        assert float(start) == pytest.approx(init_mass, abs=1e-5)
+        assert float(layer.aq.probs().reshape(layer.aq.logits.shape)[-1].max()) == pytest.approx(init_mass, abs=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, 1.5])
+def test_init_mass_outside_0_1_is_refused(bad):
+    with pytest.raises(UserError, match=rf"search.init_mass={bad}; allowed: a probability strictly between 0 and 1"):
+        toy(bad)

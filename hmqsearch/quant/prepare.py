@@ -46,6 +46,7 @@ class QuantSpec:
     first_layer_act_bits: int | str | None = 8
     pins: Sequence[Pin] = field(default_factory=list)
     fold_bn: bool = True
+    init_mass: float = 0.95  # initial probability of the start candidate (warm_start.py)
 
     def validate(self) -> None:
         for name, bits in (("search.weight_bits", self.weight_bits), ("search.act_bits", self.act_bits)):
@@ -56,6 +57,8 @@ class QuantSpec:
                 raise UserError(f"{name}={list(bits)} contains {bad}; allowed bit-widths are integers 1..8")
         if not isinstance(self.n_thresholds, int) or self.n_thresholds < 1:
             raise UserError(f"search.n_thresholds={self.n_thresholds}; allowed: an integer >= 1")
+        if not isinstance(self.init_mass, (int, float)) or not 0.0 < self.init_mass < 1.0:
+            raise UserError(f"search.init_mass={self.init_mass}; allowed: a probability strictly between 0 and 1")
         if self.mode not in MODES:
             raise UserError(f"search.mode={self.mode!r}; allowed: {', '.join(MODES)}")
         for pin in self.pins:
@@ -146,7 +149,8 @@ def _make_quantizer(
 ) -> HMQQuantizer:
     cand = [pinned] if isinstance(pinned, int) else list(bits)
     q = HMQQuantizer(
-        cand, spec.n_thresholds, signed=True, per_channel_axis=axis, num_channels=channels, mode=spec.mode  # type: ignore[arg-type]
+        cand, spec.n_thresholds, signed=True, per_channel_axis=axis, num_channels=channels, mode=spec.mode,  # type: ignore[arg-type]
+        init_mass=spec.init_mass,
     )
     q.float_pinned = pinned == "float"
     return q
