@@ -225,6 +225,8 @@ def test_batch_norm_kept_while_training_is_folded_into_the_graph(tmp_path):
     a float weight and re-quantized it per tensor)."""
     qmodel = make_qmodel({"expand.0": (4, 8), "down.0": (2, 8)}, fold_bn=False)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in qmodel.net.modules()) == 5
+    with torch.no_grad():
+        qmodel.net.stem[1].weight[:3] *= -1  # negative gamma: a negative weight scale
     x = torch.randn(256, *SHAPE, generator=torch.Generator().manual_seed(1))
     info = export_onnx(qmodel, tmp_path / "m.onnx", x)
     model = onnx.load(str(info.path))

@@ -5,9 +5,12 @@ graph each such BN is folded into the layer it follows: the integer weight codes
 trained, each output channel's weight scale is multiplied by g = gamma / sqrt(var + eps) (so
 it is no longer a power of two) and the bias becomes beta + (b - mean) * g.  onnxruntime then
 runs the layer as one (integer) convolution; left in the graph, the BN would be fused by
-onnxruntime into a float weight that it re-quantizes per tensor, a lossy change.  A BN with a
-non-positive or non-finite g on some channel stays in the graph (a DequantizeLinear scale
-must be positive).  The packed checkpoint keeps the BN as it is (its ``extra`` state).
+onnxruntime into a float weight that it re-quantizes per tensor, a lossy change.  A channel
+with a negative gamma gets a negative weight scale (DequantizeLinear and onnxruntime's
+QLinearConv take it); a BN with a zero or non-finite g on some channel stays in the graph.
+The scales are no longer powers of two, so the graph agrees with PyTorch up to float rounding
+(ResNet-20 at 4x: 99.91 % top-1 agreement as a graph, 99.70 % with onnxruntime's integer
+kernels, equal accuracy).  The packed checkpoint keeps the BN as it is (its ``extra`` state).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def _folded(d: DeployedLayer, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> DeployedLa
         gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
         beta = bn.bias if bn.affine else torch.zeros_like(bn.running_var)
         g = (gamma / torch.sqrt(bn.running_var + bn.eps)).float().cpu()
-        if not (torch.isfinite(g).all() and (g > 0).all()):
+        if not (torch.isfinite(g).all() and (g != 0).all()):
             return None
         bias = torch.zeros_like(g) if d.bias is None else torch.from_numpy(d.bias)
         new_bias = (beta.float().cpu() + (bias - bn.running_mean.float().cpu()) * g).numpy()
@@ -68,7 +71,7 @@ def fold_batchnorm_into(qmodel: QuantModel, layers: list[DeployedLayer]) -> tupl
         bn_name = bn_of.get(d.name)
         new = None if bn_name is None else _folded(d, modules[bn_name])
         if bn_name is not None and new is None:
-            log.info("%s kept in the deployment graph: a channel's scale is not positive and finite", bn_name)
+            log.info("%s kept in the deployment graph: a channel's scale is zero or not finite", bn_name)
         out.append(d if new is None else new)
         if new is not None:
             folded.append(bn_name)
