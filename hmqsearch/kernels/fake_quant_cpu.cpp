@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "fake_quant_module.h"
+
 namespace {
 
 struct Layout {
@@ -168,9 +170,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "fake-quant forward (x, step, lo, hi, axis) -> out");
-  m.def("backward", &backward,
-        "fake-quant backward (grad, x, step, lo, hi, axis, param_grads) -> "
-        "(grad_x, grad_step, grad_lo, grad_hi)");
-}
+HMQ_FAKE_QUANT_MODULE(forward, backward)
