@@ -79,7 +79,7 @@ def quant_spec(cfg: DictConfig) -> QuantSpec:
     spec = QuantSpec(
         weight_bits=list(s.weight_bits), act_bits=list(s.act_bits), n_thresholds=s.n_thresholds,
         weight_per_channel=s.weight_per_channel, mode=s.mode, first_layer_act_bits=s.first_layer_act_bits,
-        pins=pins, fold_bn=s.fold_bn, init_mass=s.get("init_mass", 0.95),
+        pins=pins, fold_bn=s.fold_bn, init_mass=s.get("init_mass", QuantSpec.init_mass),
     )
     spec.validate()
     return baseline_spec(spec, run_method(cfg))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 
@@ -13,6 +14,7 @@ from hmqsearch.quant.hmq import HMQQuantizer
 from hmqsearch.quant.prepare import QuantModel
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -34,6 +36,17 @@ def _lowered(q: HMQQuantizer) -> tuple[int, int] | None:
 def _make_argmax(q: HMQQuantizer, b: int, j: int) -> None:
     with torch.no_grad():
         q.logits[b, j] = q.logits.max() + 1.0
+
+
+def _with_argmax(q: HMQQuantizer, b: int, j: int, measure: Callable[[], T]) -> T:
+    """``measure()`` with candidate (b, j) made ``q``'s argmax; ``q``'s logits are restored after."""
+    saved = q.logits.detach().clone()
+    _make_argmax(q, b, j)
+    try:
+        return measure()
+    finally:
+        with torch.no_grad():
+            q.logits.copy_(saved)
 
 
 def repair(
@@ -60,14 +73,10 @@ def repair(
             low = _lowered(q)
             if low is None:
                 continue
-            saved_logits = q.logits.detach().clone()
             margin = float(q.logits.detach().max() - q.logits.detach()[low])
             if sensitivity is not None:
                 margin = sensitivity[name.rsplit(".", 1)[0]]
-            _make_argmax(q, *low)
-            gain = sum((before[c.name] - c.exact()) / c.budget for c in violated)
-            with torch.no_grad():
-                q.logits.copy_(saved_logits)
+            gain = _with_argmax(q, *low, lambda: sum((before[c.name] - c.exact()) / c.budget for c in violated))
             if gain <= 0:
                 continue
             score = margin / gain
@@ -118,24 +127,17 @@ def fill(qmodel: QuantModel, constraints: list[Constraint]) -> list[RepairStep]:
                 continue
             mass = float(q.bit_probs().detach()[b + 1])
             j = int(torch.argmax(q.logits.detach()[b + 1]))
-            saved = q.logits.detach().clone()
-            _make_argmax(q, b + 1, j)
-            added = _normalised_cost(constraints) - before
-            with torch.no_grad():
-                q.logits.copy_(saved)
+            added = _with_argmax(q, b + 1, j, lambda: _normalised_cost(constraints)) - before
             score = math.inf if added <= 0 else mass / added
             if best is None or (score, mass) > best[:2]:
                 best = (score, mass, name, q, b + 1, j)
         if best is None:
             return steps
         _, mass, name, q, b, j = best
-        saved = q.logits.detach().clone()
+        if not _with_argmax(q, b, j, lambda: all(c.satisfied() for c in constraints)):
+            blocked.add(name)
+            continue
         old_bits = q.scheme().bits
         _make_argmax(q, b, j)
-        if all(c.satisfied() for c in constraints):
-            steps.append(RepairStep(name, old_bits, q.scheme().bits, mass))
-            log.info("fill: %s %d -> %d bits (probability %.3f)", name, old_bits, q.scheme().bits, mass)
-        else:
-            with torch.no_grad():
-                q.logits.copy_(saved)
-            blocked.add(name)
+        steps.append(RepairStep(name, old_bits, q.scheme().bits, mass))
+        log.info("fill: %s %d -> %d bits (probability %.3f)", name, old_bits, q.scheme().bits, mass)

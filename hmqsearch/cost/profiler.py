@@ -32,10 +32,9 @@ import torch
 from onnx import TensorProto, helper
 
 from hmqsearch.cost.latency import FLOAT_BITS, LatencyTable
-from hmqsearch.export.bn_fold import fold_batchnorm_into
 from hmqsearch.export.deployed import DeployedLayer, QScheme, deployed_layers
 from hmqsearch.export.onnx_export import (
-    IR_VERSION, OPSET, build_graph, container_type, fusable_layers, layer_subgraph, trace_markers,
+    IR_VERSION, OPSET, build_graph, container_type, fusable_layers, layer_subgraph, trace_deployment,
 )
 from hmqsearch.export.verify import providers, session
 from hmqsearch.quant.prepare import QuantModel
@@ -106,8 +105,8 @@ def _session_from_model(model: onnx.ModelProto, threads: int) -> ort.InferenceSe
 
 def _structure(qmodel: QuantModel, example: torch.Tensor) -> dict[int, tuple[int, str | None]]:
     """Which layers feed the next layer's quantizer (evaluated with every tensor at 8 bits)."""
-    layers, folded = fold_batchnorm_into(qmodel, [d.at_bits(8, 8) for d in deployed_layers(qmodel)])
-    return fusable_layers(trace_markers(qmodel, layers, example[:1].float(), folded), layers)
+    traced, layers = trace_deployment(qmodel, [d.at_bits(8, 8) for d in deployed_layers(qmodel)], example)
+    return fusable_layers(traced, layers)
 
 
 def _output_quantizer(

@@ -477,9 +477,17 @@ def build_onnx(qmodel: QuantModel, example: Tensor, form: str = "onnxruntime", a
 
 def build_graph(qmodel: QuantModel, layers: list[DeployedLayer], example: Tensor, form: str = "onnxruntime") -> BuiltGraph:
     """The deployment graph of ``qmodel``'s network with its quantized layers deployed as ``layers``."""
-    layers, folded = fold_batchnorm_into(qmodel, layers)
-    traced = trace_markers(qmodel, layers, example[:1].detach().cpu().float(), folded)
+    traced, layers = trace_deployment(qmodel, layers, example)
     return _expand(traced, layers, form)
+
+
+def trace_deployment(
+    qmodel: QuantModel, layers: list[DeployedLayer], example: Tensor
+) -> tuple[onnx.ModelProto, list[DeployedLayer]]:
+    """:func:`trace_markers` of ``layers`` with the batch norms that follow them folded in, and
+    the layers as folded (what the expanded graph computes)."""
+    layers, folded = fold_batchnorm_into(qmodel, layers)
+    return trace_markers(qmodel, layers, example[:1].detach().cpu().float(), folded), layers
 
 
 def export_onnx(

@@ -116,6 +116,7 @@ def _resolve(device_type: str, dtype: torch.dtype = torch.float32) -> tuple[Modu
 
 
 def _label(device_type: str, ext: ModuleType | None) -> str:
+    """The backend name: the extension's label, or 'pytorch' (also for devices without one)."""
     return _BUILDS[device_type].label if ext is not None else PYTORCH
 
 
@@ -142,7 +143,7 @@ def active_backend(device: torch.device | str | None = None, dtype: torch.dtype 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = torch.device(device).type
     ext, _ = _resolve(device_type, dtype)
-    return _label(device_type, ext) if device_type in _BUILDS else PYTORCH
+    return _label(device_type, ext)
 
 
 def backend_report() -> str:

@@ -129,9 +129,9 @@ def pareto_plot(runs: list[Run], path: Path, title: str = "Test top-1 vs packed 
     float_top1 = done[0].summary["float_top1"] if done else None
     trained = [r.summary["quant_top1"] for r in done if r.method != "ptq"] or [r.summary["quant_top1"] for r in done]
     floor = min(trained + [float_top1 or 100.0]) - 2.0
-    top = (float_top1 or max(trained, default=100.0)) + 1.0
+    reference = float_top1 or max(trained, default=100.0)
+    top, near = reference + 1.0, reference - 3.0
     labelled = _labelled(done)
-    near = (float_top1 or max(trained, default=100.0)) - 3.0
     _draw(axes[0], done, floor, top, labelled)
     _draw(axes[1], [r for r in done if r.summary["quant_top1"] >= near], near, top, labelled)
     for ax in axes:
