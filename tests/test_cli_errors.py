@@ -55,7 +55,7 @@ CONFIG_CASES = [
     ("unknown-stage", ["stage=deploy"], USER_ERROR, "stage='deploy'; allowed: all, export"),
     ("export-form", ["export.form=tensorrt"], USER_ERROR, "export.form='tensorrt'; allowed: onnxruntime, portable"),
     ("distill-alpha", ["distill.enabled=true", "distill.alpha=1.5"], USER_ERROR, "distill.alpha=1.5; allowed: a number in [0, 1]"),
-    ("search-start", ["search.start=lowest"], USER_ERROR, "search.start='lowest'; allowed: highest, feasible_uniform"),
+    ("search-start", ["search.start=lowest"], USER_ERROR, "search.start='lowest'; allowed: highest, feasible_uniform, sensitivity"),
     ("distill-stage", ["distill.stages=[pretrain]"], USER_ERROR, "distill.stages=['pretrain']; allowed entries: search, finetune"),
     ("cifar-missing-root", ["data=cifar10", "model=resnet20", "data.root=/nonexistent/cifar"], USER_ERROR, "/nonexistent/cifar"),
 ]

@@ -1,7 +1,11 @@
-"""Where the search starts: the highest uniform weight bit-width that meets the budgets."""
+"""Where the search starts: the highest uniform weight bit-width, or the sensitivity allocation,
+that meets the budgets."""
+
+import json
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from hmqsearch.constrained.constraints import Constraint
@@ -28,7 +32,9 @@ def size_constraint(qmodel, compression):
 def test_feasible_uniform_start_is_the_highest_uniform_width_within_budget(compression):
     qmodel = toy()
     c = size_constraint(qmodel, compression)
-    bits = warm_start(qmodel, [c], "feasible_uniform")
+    start = warm_start(qmodel, [c], "feasible_uniform")
+    (bits,) = set(start.values())
+    assert set(start) == {name for name, _ in qmodel.layers()}
     assert c.satisfied()
     weight_bits = {layer.wq.scheme().bits for _, layer in qmodel.layers()}
     assert weight_bits == {bits}
@@ -55,14 +61,14 @@ def test_highest_start_changes_nothing_and_bad_name_is_refused():
     before = [layer.wq.logits.detach().clone() for _, layer in qmodel.layers()]
     assert warm_start(qmodel, [size_constraint(qmodel, 8.5)], "highest") is None
     assert all(torch.equal(b, layer.wq.logits) for b, (_, layer) in zip(before, qmodel.layers()))
-    with pytest.raises(UserError, match="search.start='lowest'; allowed: highest, feasible_uniform"):
+    with pytest.raises(UserError, match="search.start='lowest'; allowed: highest, feasible_uniform, sensitivity"):
         warm_start(qmodel, [], "lowest")
 
 
 @pytest.mark.parametrize("init_mass", [0.3, 0.95])
 def test_init_mass_is_the_start_candidates_probability(init_mass):
     qmodel = toy(init_mass)
-    bits = warm_start(qmodel, [size_constraint(qmodel, 8.5)], "feasible_uniform")
+    (bits,) = set(warm_start(qmodel, [size_constraint(qmodel, 8.5)], "feasible_uniform").values())
     for _, layer in qmodel.layers():
         row = layer.wq.bits.tolist().index(bits)
         # the start candidate: the start width at its preferred threshold (inputs: the highest width)
@@ -75,3 +81,28 @@ def test_init_mass_is_the_start_candidates_probability(init_mass):
 def test_init_mass_outside_0_1_is_refused(bad):
     with pytest.raises(UserError, match=rf"search.init_mass={bad}; allowed: a probability strictly between 0 and 1"):
         toy(bad)
+
+
+def test_sensitivity_start_meets_the_budget_with_mixed_widths_and_mass_on_them():
+    qmodel = toy()
+    c = size_constraint(qmodel, 8.5)
+    torch.manual_seed(1)
+    start = warm_start(qmodel, [c], "sensitivity", [torch.randn(32, 64) for _ in range(2)])
+    assert set(start) == {name for name, _ in qmodel.layers()}
+    assert c.satisfied()
+    for name, layer in qmodel.layers():
+        assert layer.wq.scheme().bits == start[name]
+        assert float(layer.wq.bit_probs().detach().max()) > 0.9
+        assert layer.aq.scheme().bits == 8
+
+
+def test_digits_run_starts_the_search_at_the_sensitivity_allocation(train_run):
+    _, run_dir = train_run("pretrain.epochs=3", "search.epochs=1", "finetune.epochs=1", "logger=csv",
+                           "export.enabled=false", "search.start=sensitivity", "budget.weight_compression=8")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    start = summary["search_start_weight_bits"]
+    layers = yaml.safe_load((run_dir / "precision.yaml").read_text())["layers"]
+    assert set(start) == {name for name, layer in layers.items() if "bits" in layer["weight"]}
+    assert set(start.values()) <= {2, 3, 4, 5, 6, 7, 8}
+    assert summary["feasible"]
+    assert "search starts at the sensitivity allocation" in (run_dir / "train.log").read_text()

@@ -1,16 +1,22 @@
-"""Where the search starts: the highest precision, or the best uniform assignment that fits.
+"""Where the search starts: the highest precision, the best uniform assignment that fits, or a
+per-layer assignment that fits, allocated by measured layer sensitivity.
 
 Started from the highest precision, a tight weight budget makes the duals grow until their
 pull (proportional to each layer's size) outweighs the task loss, so the largest layers are
 pushed to the lowest bit-widths first, whatever their sensitivity. Started from the highest
 uniform weight bit-width that already meets every budget, the duals stay near zero and the
-search only trades precision between layers where the task loss asks for it.
+search only trades precision between layers where the task loss asks for it. A short search
+rarely leaves a uniform start, so ``sensitivity`` starts it from a mixed assignment that already
+spends the budget where it hurts least (:mod:`hmqsearch.constrained.allocation`).
 """
 
 from __future__ import annotations
 
 import logging
 
+from torch import Tensor
+
+from hmqsearch.constrained.allocation import allocate, measure_sensitivity
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.errors import UserError
 from hmqsearch.quant.hmq import HMQQuantizer
@@ -18,7 +24,7 @@ from hmqsearch.quant.prepare import QuantModel
 
 log = logging.getLogger(__name__)
 
-STARTS = ("highest", "feasible_uniform")
+STARTS = ("highest", "feasible_uniform", "sensitivity")
 
 
 def check_start(start: str) -> None:
@@ -26,29 +32,44 @@ def check_start(start: str) -> None:
         raise UserError(f"search.start={start!r}; allowed: {', '.join(STARTS)}")
 
 
-def _searched_weight_quantizers(qmodel: QuantModel) -> list[HMQQuantizer]:
-    return [layer.wq for _, layer in qmodel.layers() if not layer.wq.float_pinned and len(layer.wq.bits) > 1]
+def _searched_weight_quantizers(qmodel: QuantModel) -> dict[str, HMQQuantizer]:
+    return {name: layer.wq for name, layer in qmodel.layers() if not layer.wq.float_pinned and len(layer.wq.bits) > 1}
 
 
-def warm_start(qmodel: QuantModel, constraints: list[Constraint], start: str) -> int | None:
-    """Put every searched weight quantizer's initial mass on the start bit-width.
+def warm_start(
+    qmodel: QuantModel, constraints: list[Constraint], start: str, batches: list[Tensor] | None = None
+) -> dict[str, int] | None:
+    """Put every searched weight quantizer's initial mass on its start bit-width.
 
     ``feasible_uniform``: the highest weight bit-width that, taken by every searched weight
-    quantizer (activations at their highest), meets every budget exactly. Returns it, or
-    None for ``highest`` or when no uniform choice fits (the search then starts at the highest).
+    quantizer (activations at their highest), meets every budget exactly. ``sensitivity``: a
+    per-layer width from the layer sensitivity measured on ``batches`` (calibration images),
+    allocated to meet every budget. Returns the start width per layer name, or None for
+    ``highest`` or when no start fits (the search then starts at the highest).
     """
     check_start(start)
     if start == "highest" or not constraints:
         return None
     searched = _searched_weight_quantizers(qmodel)
-    common = set.intersection(*({int(b) for b in q.bits.tolist()} for q in searched)) if searched else set()
+    if start == "sensitivity":
+        if not batches:
+            raise ValueError("search.start=sensitivity needs calibration batches")
+        assignment = allocate(searched, constraints, measure_sensitivity(qmodel, searched, batches))
+        if assignment is None:
+            log.info("no weight bit-widths meet every budget: the search starts at the highest")
+        else:
+            log.info("search starts at the sensitivity allocation: %s",
+                     ", ".join(f"{name} {bits}" for name, bits in assignment.items()))
+        return assignment
+    widths = [{int(b) for b in q.bits.tolist()} for q in searched.values()]
+    common = set.intersection(*widths) if widths else set()
     for bits in sorted(common, reverse=True):
-        for q in searched:
+        for q in searched.values():
             q.start_at(bits)
         if all(c.satisfied() for c in constraints):
             log.info("search starts at uniform %d-bit weights, the highest that meets every budget", bits)
-            return bits
-    for q in searched:
+            return dict.fromkeys(searched, bits)
+    for q in searched.values():
         q.start_at(int(q.bits.max()))
     log.info("no uniform weight bit-width meets every budget: the search starts at the highest")
     return None

@@ -1,0 +1,168 @@
+"""A budget-feasible weight bit-width per layer from measured layer sensitivity.
+
+Used by ``search.start=sensitivity``: the search then starts from an assignment that already
+spends the budget where it costs the network least, instead of a uniform one it rarely leaves
+in a short schedule.
+
+Sensitivity of layer l at b bits: the KL divergence of the network's output distribution when
+only layer l's weights drop to b bits (at that width's lowest-MSE threshold), every other
+quantizer at its argmax start, from the network with every weight at its highest width, on the
+calibration images (no labels needed).  The allocation treats these as additive (a
+multiple-choice knapsack) and solves it greedily on the exact discrete costs, so any set of
+budgets (size, latency) is handled as by :func:`~hmqsearch.constrained.repair.repair`:
+
+1. lower: from the highest widths, repeatedly apply the drop of one layer to any lower width
+   with the least sensitivity added per unit of normalised cost saved on the violated budgets,
+   until every budget holds;
+2. raise: then repeatedly apply the raise with the most sensitivity removed per unit of
+   normalised cost added that keeps every budget, until none fits (the lowering overshoots).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Callable, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hmqsearch.constrained.constraints import Constraint
+from hmqsearch.quant.hmq import HMQQuantizer
+from hmqsearch.quant.prepare import QuantModel
+
+log = logging.getLogger(__name__)
+
+Sensitivity = dict[str, dict[int, float]]
+T = TypeVar("T")
+
+
+def _candidate_bits(q: HMQQuantizer) -> list[int]:
+    return [int(b) for b in q.bits.tolist()]
+
+
+@torch.no_grad()
+def measure_sensitivity(
+    qmodel: QuantModel, quantizers: dict[str, HMQQuantizer], batches: list[Tensor]
+) -> Sensitivity:
+    """KL(reference || layer l alone at b bits) per layer name and candidate width, in nats.
+
+    The reference has every quantizer of ``quantizers`` at its highest width; the other
+    quantizers (activations) stay at their current argmax.  The model's quantizer states,
+    training flag and logits are restored afterwards.
+    """
+    started = time.time()
+    states = {id(q): q.state for _, q in qmodel.quantizers()}
+    saved = {name: q.logits.detach().clone() for name, q in quantizers.items()}
+    was_training = qmodel.training
+    qmodel.set_state("fixed")
+    qmodel.eval()
+    try:
+        for q in quantizers.values():
+            q.start_at(max(_candidate_bits(q)))
+        device = next(qmodel.parameters()).device
+        batches = [x.to(device) for x in batches]
+        reference = [F.log_softmax(qmodel(x), dim=1) for x in batches]
+
+        def divergence() -> float:
+            kl = [F.kl_div(F.log_softmax(qmodel(x), dim=1), ref, log_target=True, reduction="batchmean")
+                  for x, ref in zip(batches, reference)]
+            return float(torch.stack(kl).mean())
+
+        sensitivity: Sensitivity = {}
+        for name, q in quantizers.items():
+            highest = max(_candidate_bits(q))
+            sensitivity[name] = {highest: 0.0}
+            for bits in _candidate_bits(q):
+                if bits == highest:
+                    continue
+                q.start_at(bits)
+                sensitivity[name][bits] = divergence()
+            q.start_at(highest)
+    finally:
+        for name, q in quantizers.items():
+            q.logits.data.copy_(saved[name])
+        for _, q in qmodel.quantizers():
+            q.state = states[id(q)]
+        qmodel.train(was_training)
+    log.info("layer sensitivity: %d layers x widths measured in %.1f s", len(quantizers), time.time() - started)
+    return sensitivity
+
+
+def _apply(quantizers: dict[str, HMQQuantizer], assignment: dict[str, int]) -> None:
+    for name, bits in assignment.items():
+        quantizers[name].start_at(bits)
+
+
+def _excess(constraints: list[Constraint]) -> float:
+    """Normalised cost above the budgets, summed over the budgets (0 when all hold)."""
+    return sum(max(0.0, c.exact() - c.budget) / c.budget for c in constraints)
+
+
+def _normalised_cost(constraints: list[Constraint]) -> float:
+    return sum(c.exact() / c.budget for c in constraints)
+
+
+def _try(quantizers: dict[str, HMQQuantizer], name: str, bits: int, current: int, measure: Callable[[], T]) -> T:
+    """``measure()`` with layer ``name`` started at ``bits`` instead of ``current``."""
+    quantizers[name].start_at(bits)
+    try:
+        return measure()
+    finally:
+        quantizers[name].start_at(current)
+
+
+def allocate(
+    quantizers: dict[str, HMQQuantizer], constraints: list[Constraint], sensitivity: Sensitivity
+) -> dict[str, int] | None:
+    """Per-layer weight widths meeting every budget at low summed sensitivity (module docstring).
+
+    Leaves each quantizer started at its width and returns the assignment, or None (every
+    quantizer back at its highest width) when even the lowest widths break a budget.
+    """
+    assignment = {name: max(_candidate_bits(q)) for name, q in quantizers.items()}
+    _apply(quantizers, assignment)
+    while _excess(constraints) > 0:
+        before = _excess(constraints)
+        best: tuple[float, str, int] | None = None
+        for name, q in quantizers.items():
+            current = assignment[name]
+            for bits in (b for b in _candidate_bits(q) if b < current):
+                saved = before - _try(quantizers, name, bits, current, lambda: _excess(constraints))
+                if saved <= 0:
+                    continue
+                added = max(0.0, sensitivity[name][bits] - sensitivity[name][current])
+                if best is None or added / saved < best[0]:
+                    best = (added / saved, name, bits)
+        if best is None:
+            for name, q in quantizers.items():
+                q.start_at(max(_candidate_bits(q)))
+            return None
+        _, name, bits = best
+        assignment[name] = bits
+        quantizers[name].start_at(bits)
+    while True:
+        before = _normalised_cost(constraints)
+        best_raise: tuple[float, str, int] | None = None
+        for name, q in quantizers.items():
+            current = assignment[name]
+            for bits in (b for b in _candidate_bits(q) if b > current):
+                removed = sensitivity[name][current] - sensitivity[name][bits]
+                if removed <= 0:
+                    continue
+                added, fits = _try(
+                    quantizers, name, bits, current,
+                    lambda: (_normalised_cost(constraints) - before, all(c.satisfied() for c in constraints)),
+                )
+                if not fits:
+                    continue
+                score = math.inf if added <= 0 else removed / added
+                if best_raise is None or score > best_raise[0]:
+                    best_raise = (score, name, bits)
+        if best_raise is None:
+            return assignment
+        _, name, bits = best_raise
+        assignment[name] = bits
+        quantizers[name].start_at(bits)

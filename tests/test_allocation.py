@@ -1,0 +1,102 @@
+"""Sensitivity-allocated start: measured layer sensitivity and the greedy knapsack on it."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from hmqsearch.constrained.allocation import allocate, measure_sensitivity
+from hmqsearch.constrained.constraints import Constraint
+from hmqsearch.cost import size
+from hmqsearch.quant.prepare import QuantSpec, prepare
+
+BITS = [2, 3, 4, 5, 6, 7, 8]
+
+
+def toy():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 4))
+    spec = QuantSpec(weight_bits=BITS, act_bits=[4, 8], first_layer_act_bits=None)
+    return prepare(net, spec, torch.randn(4, 64))
+
+
+def size_constraint(qmodel, compression):
+    return Constraint("weight_bytes", "bytes", size.float_weight_bytes(qmodel) / compression,
+                      lambda: size.expected_weight_bytes(qmodel),
+                      lambda: float(sum(size.exact_weight_bytes(qmodel).values())), size.min_weight_bytes(qmodel))
+
+
+def weight_quantizers(qmodel):
+    return {name: layer.wq for name, layer in qmodel.layers()}
+
+
+def synthetic_sensitivity(qmodel, scale):
+    """Sensitivity falling 4x per bit (quantization noise power), layer l weighted by scale[l]."""
+    return {name: {b: scale[name] * (4.0 ** (8 - b) - 1.0) for b in BITS} for name, _ in qmodel.layers()}
+
+
+def fits(quantizers, assignment, constraint):
+    for name, bits in assignment.items():
+        quantizers[name].start_at(bits)
+    return constraint.satisfied()
+
+
+def total(sens, assignment):
+    return sum(sens[name][b] for name, b in assignment.items())
+
+
+def test_measured_sensitivity_is_zero_at_the_highest_width_and_grows_as_widths_drop():
+    qmodel = toy()
+    quantizers = weight_quantizers(qmodel)
+    before = {n: q.logits.detach().clone() for n, q in quantizers.items()}
+    states = [q.state for _, q in qmodel.quantizers()]
+    qmodel.train()
+    torch.manual_seed(1)
+    sens = measure_sensitivity(qmodel, quantizers, [torch.randn(64, 64) for _ in range(2)])
+    for name, by_bits in sens.items():
+        assert by_bits[8] == 0.0
+        assert by_bits[2] > by_bits[4] > by_bits[6] > 0.0, (name, by_bits)
+    # the model is left as it was found
+    assert all(torch.equal(before[n], q.logits) for n, q in quantizers.items())
+    assert [q.state for _, q in qmodel.quantizers()] == states
+    assert qmodel.training
+
+
+@pytest.mark.parametrize("compression", [6.0, 8.5, 11.0])
+def test_allocation_meets_the_budget_and_beats_the_best_uniform_width(compression):
+    qmodel = toy()
+    quantizers = weight_quantizers(qmodel)
+    c = size_constraint(qmodel, compression)
+    names = list(quantizers)
+    # the middle layer (most weights) is the least sensitive per weight
+    sens = synthetic_sensitivity(qmodel, {names[0]: 8.0, names[1]: 1.0, names[2]: 4.0})
+    assignment = allocate(quantizers, [c], sens)
+    assert c.satisfied()
+    assert {n: q.scheme().bits for n, q in quantizers.items()} == assignment
+    uniform = max(b for b in BITS if fits(quantizers, dict.fromkeys(names, b), c))
+    assert total(sens, assignment) < total(sens, dict.fromkeys(names, uniform))
+    assert assignment[names[1]] < assignment[names[0]]  # the budget goes to the sensitive layers
+
+
+def test_allocation_is_the_exact_optimum_on_a_small_instance():
+    qmodel = toy()
+    quantizers = weight_quantizers(qmodel)
+    c = size_constraint(qmodel, 8.5)
+    names = list(quantizers)
+    sens = synthetic_sensitivity(qmodel, {names[0]: 3.0, names[1]: 1.0, names[2]: 0.5})
+    assignment = allocate(quantizers, [c], sens)
+    feasible = []
+    for combo in itertools.product(BITS, repeat=len(names)):
+        if fits(quantizers, dict(zip(names, combo)), c):
+            feasible.append(total(sens, dict(zip(names, combo))))
+    assert total(sens, assignment) == pytest.approx(min(feasible))
+
+
+def test_allocation_returns_none_when_no_widths_fit():
+    qmodel = toy()
+    quantizers = weight_quantizers(qmodel)
+    c = size_constraint(qmodel, 8.5)
+    c.budget = c.minimum * 0.5
+    assert allocate(quantizers, [c], synthetic_sensitivity(qmodel, dict.fromkeys(quantizers, 1.0))) is None
+    assert all(q.scheme().bits == 8 for q in quantizers.values())
