@@ -297,7 +297,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             duals, steps, filled, disagreement, proximity_duals = {}, [], [], None, None
             start_bits = None
         else:
-            start_bits = warm_start(qmodel, constraints, cfg.search.get("start", "highest"), calib)
+            start_bits = warm_start(
+                qmodel, constraints, cfg.search.get("start", "highest"), calib, cfg.callbacks.progress_bar
+            )
             search_module = search(ctx, qmodel, constraints)
             duals = search_module.duals.as_dict()
             disagreement = rank_disagreement({

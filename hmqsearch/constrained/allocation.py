@@ -27,6 +27,7 @@ from typing import Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
+from rich.progress import track
 from torch import Tensor
 
 from hmqsearch.constrained.constraints import Constraint
@@ -45,7 +46,7 @@ def _candidate_bits(q: HMQQuantizer) -> list[int]:
 
 @torch.no_grad()
 def measure_sensitivity(
-    qmodel: QuantModel, quantizers: dict[str, HMQQuantizer], batches: list[Tensor]
+    qmodel: QuantModel, quantizers: dict[str, HMQQuantizer], batches: list[Tensor], progress: bool = False
 ) -> Sensitivity:
     """KL(reference || layer l alone at b bits) per layer name and candidate width, in nats.
 
@@ -72,7 +73,8 @@ def measure_sensitivity(
             return float(torch.stack(kl).mean())
 
         sensitivity: Sensitivity = {}
-        for name, q in quantizers.items():
+        layers = track(quantizers.items(), description="layer sensitivity", disable=not progress, transient=True)
+        for name, q in layers:
             highest = max(_candidate_bits(q))
             sensitivity[name] = {highest: 0.0}
             for bits in _candidate_bits(q):

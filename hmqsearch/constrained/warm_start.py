@@ -37,15 +37,17 @@ def _searched_weight_quantizers(qmodel: QuantModel) -> dict[str, HMQQuantizer]:
 
 
 def warm_start(
-    qmodel: QuantModel, constraints: list[Constraint], start: str, batches: list[Tensor] | None = None
+    qmodel: QuantModel, constraints: list[Constraint], start: str, batches: list[Tensor] | None = None,
+    progress: bool = False,
 ) -> dict[str, int] | None:
     """Put every searched weight quantizer's initial mass on its start bit-width.
 
     ``feasible_uniform``: the highest weight bit-width that, taken by every searched weight
     quantizer (activations at their highest), meets every budget exactly. ``sensitivity``: a
     per-layer width from the layer sensitivity measured on ``batches`` (calibration images),
-    allocated to meet every budget. Returns the start width per layer name, or None for
-    ``highest`` or when no start fits (the search then starts at the highest).
+    allocated to meet every budget (``progress``: a progress bar over the layers measured).
+    Returns the start width per layer name, or None for ``highest`` or when no start fits
+    (the search then starts at the highest).
     """
     check_start(start)
     if start == "highest" or not constraints:
@@ -54,7 +56,7 @@ def warm_start(
     if start == "sensitivity":
         if not batches:
             raise ValueError("search.start=sensitivity needs calibration batches")
-        assignment = allocate(searched, constraints, measure_sensitivity(qmodel, searched, batches))
+        assignment = allocate(searched, constraints, measure_sensitivity(qmodel, searched, batches, progress))
         if assignment is None:
             log.info("no weight bit-widths meet every budget: the search starts at the highest")
         else:
