@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from rich.progress import track
 from torch import Tensor
 
-from hmqsearch.constrained.constraints import Constraint
+from hmqsearch.constrained.constraints import Constraint, normalised_cost
 from hmqsearch.quant.hmq import HMQQuantizer
 from hmqsearch.quant.prepare import QuantModel
 
@@ -103,10 +103,6 @@ def _excess(constraints: list[Constraint]) -> float:
     return sum(max(0.0, c.exact() - c.budget) / c.budget for c in constraints)
 
 
-def _normalised_cost(constraints: list[Constraint]) -> float:
-    return sum(c.exact() / c.budget for c in constraints)
-
-
 def _try(quantizers: dict[str, HMQQuantizer], name: str, bits: int, current: int, measure: Callable[[], T]) -> T:
     """``measure()`` with layer ``name`` started at ``bits`` instead of ``current``."""
     quantizers[name].start_at(bits)
@@ -126,8 +122,19 @@ def allocate(
     """
     assignment = {name: max(_candidate_bits(q)) for name, q in quantizers.items()}
     _apply(quantizers, assignment)
-    while _excess(constraints) > 0:
-        before = _excess(constraints)
+    if not _lower_until_feasible(quantizers, constraints, sensitivity, assignment):
+        return None
+    _raise_into_slack(quantizers, constraints, sensitivity, assignment)
+    return assignment
+
+
+def _lower_until_feasible(
+    quantizers: dict[str, HMQQuantizer], constraints: list[Constraint], sensitivity: Sensitivity,
+    assignment: dict[str, int],
+) -> bool:
+    """Lower the layer with the least sensitivity added per normalised excess removed, until
+    every budget holds (True), or nothing lowers the excess (False, all back at the highest)."""
+    while (before := _excess(constraints)) > 0:
         best: tuple[float, str, int] | None = None
         for name, q in quantizers.items():
             current = assignment[name]
@@ -139,15 +146,23 @@ def allocate(
                 if best is None or added / saved < best[0]:
                     best = (added / saved, name, bits)
         if best is None:
-            for name, q in quantizers.items():
-                q.start_at(max(_candidate_bits(q)))
-            return None
+            _apply(quantizers, {name: max(_candidate_bits(q)) for name, q in quantizers.items()})
+            return False
         _, name, bits = best
         assignment[name] = bits
         quantizers[name].start_at(bits)
+    return True
+
+
+def _raise_into_slack(
+    quantizers: dict[str, HMQQuantizer], constraints: list[Constraint], sensitivity: Sensitivity,
+    assignment: dict[str, int],
+) -> None:
+    """Raise the layer with the most sensitivity removed per normalised cost added that keeps
+    every budget, until no raise fits (the greedy lowering overshoots)."""
     while True:
-        before = _normalised_cost(constraints)
-        best_raise: tuple[float, str, int] | None = None
+        before = normalised_cost(constraints)
+        best: tuple[float, str, int] | None = None
         for name, q in quantizers.items():
             current = assignment[name]
             for bits in (b for b in _candidate_bits(q) if b > current):
@@ -156,15 +171,15 @@ def allocate(
                     continue
                 added, fits = _try(
                     quantizers, name, bits, current,
-                    lambda: (_normalised_cost(constraints) - before, all(c.satisfied() for c in constraints)),
+                    lambda: (normalised_cost(constraints) - before, all(c.satisfied() for c in constraints)),
                 )
                 if not fits:
                     continue
                 score = math.inf if added <= 0 else removed / added
-                if best_raise is None or score > best_raise[0]:
-                    best_raise = (score, name, bits)
-        if best_raise is None:
-            return assignment
-        _, name, bits = best_raise
+                if best is None or score > best[0]:
+                    best = (score, name, bits)
+        if best is None:
+            return
+        _, name, bits = best
         assignment[name] = bits
         quantizers[name].start_at(bits)

@@ -36,3 +36,8 @@ class Constraint:
                 f"candidate precision everywhere costs {self.minimum:.6g} {self.unit}. "
                 f"Allowed: a budget >= {self.minimum:.6g} {self.unit}, or add lower bit-widths to the search."
             )
+
+
+def normalised_cost(constraints: list[Constraint]) -> float:
+    """Sum over the budgets of the exact cost as a fraction of its budget."""
+    return sum(c.exact() / c.budget for c in constraints)

@@ -9,7 +9,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from hmqsearch.constrained.constraints import Constraint
+from hmqsearch.constrained.constraints import Constraint, normalised_cost
 from hmqsearch.quant.hmq import HMQQuantizer
 from hmqsearch.quant.prepare import QuantModel
 
@@ -99,10 +99,6 @@ def repair(
         steps.append(step)
 
 
-def _normalised_cost(constraints: list[Constraint]) -> float:
-    return sum(c.exact() / c.budget for c in constraints)
-
-
 def fill(qmodel: QuantModel, constraints: list[Constraint]) -> list[RepairStep]:
     """Spend budget slack left by the argmax: raise precision while every budget still holds.
 
@@ -119,7 +115,7 @@ def fill(qmodel: QuantModel, constraints: list[Constraint]) -> list[RepairStep]:
     quantizers = [(n, q) for n, q in qmodel.quantizers() if not q.float_pinned]
     blocked: set[str] = set()
     while True:
-        before = _normalised_cost(constraints)
+        before = normalised_cost(constraints)
         best: tuple[float, float, str, HMQQuantizer, int, int] | None = None
         for name, q in quantizers:
             b, _ = q.chosen_index()
@@ -127,7 +123,7 @@ def fill(qmodel: QuantModel, constraints: list[Constraint]) -> list[RepairStep]:
                 continue
             mass = float(q.bit_probs().detach()[b + 1])
             j = int(torch.argmax(q.logits.detach()[b + 1]))
-            added = _with_argmax(q, b + 1, j, lambda: _normalised_cost(constraints)) - before
+            added = _with_argmax(q, b + 1, j, lambda: normalised_cost(constraints)) - before
             score = math.inf if added <= 0 else mass / added
             if best is None or (score, mass) > best[:2]:
                 best = (score, mass, name, q, b + 1, j)
