@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hmqsearch.constrained.allocation import allocate, measure_sensitivity
+from hmqsearch.constrained.allocation import allocate, measure_sensitivity, only_lowest_fits
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.cost import size
 from hmqsearch.quant.prepare import QuantSpec, prepare
@@ -100,3 +100,13 @@ def test_allocation_returns_none_when_no_widths_fit():
     c.budget = c.minimum * 0.5
     assert allocate(quantizers, [c], synthetic_sensitivity(qmodel, dict.fromkeys(quantizers, 1.0))) is None
     assert all(q.scheme().bits == 8 for q in quantizers.values())
+
+
+def test_only_lowest_fits_when_no_single_raise_keeps_the_budget():
+    qmodel = toy()
+    quantizers = weight_quantizers(qmodel)
+    tight = size_constraint(qmodel, 8.5)
+    tight.budget = tight.minimum  # exactly all-2-bit
+    assert only_lowest_fits(quantizers, [tight])
+    assert all(q.scheme().bits == 2 for q in quantizers.values())
+    assert not only_lowest_fits(quantizers, [size_constraint(qmodel, 8.5)])

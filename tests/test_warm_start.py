@@ -106,3 +106,14 @@ def test_digits_run_starts_the_search_at_the_sensitivity_allocation(train_run):
     assert set(start.values()) <= {2, 3, 4, 5, 6, 7, 8}
     assert summary["feasible"]
     assert "search starts at the sensitivity allocation" in (run_dir / "train.log").read_text()
+
+
+def test_sensitivity_start_skips_the_measurement_when_only_the_lowest_widths_fit(monkeypatch):
+    qmodel = toy()
+    c = size_constraint(qmodel, 8.5)
+    c.budget = c.minimum
+    monkeypatch.setattr("hmqsearch.constrained.warm_start.measure_sensitivity",
+                        lambda *a, **k: pytest.fail("measured although nothing is left to allocate"))
+    start = warm_start(qmodel, [c], "sensitivity", [torch.randn(8, 64)])
+    assert set(start.values()) == {2}
+    assert c.satisfied()

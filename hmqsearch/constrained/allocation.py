@@ -112,6 +112,21 @@ def _try(quantizers: dict[str, HMQQuantizer], name: str, bits: int, current: int
         quantizers[name].start_at(current)
 
 
+def only_lowest_fits(quantizers: dict[str, HMQQuantizer], constraints: list[Constraint]) -> bool:
+    """Whether every layer at its lowest width is the only assignment that meets every budget
+    (then there is nothing to allocate). Leaves every quantizer started at its lowest width."""
+    lowest = {name: min(_candidate_bits(q)) for name, q in quantizers.items()}
+    _apply(quantizers, lowest)
+    if not all(c.satisfied() for c in constraints):
+        return False
+    for name, q in quantizers.items():
+        higher = [b for b in _candidate_bits(q) if b > lowest[name]]
+        if higher and _try(quantizers, name, min(higher), lowest[name],
+                           lambda: all(c.satisfied() for c in constraints)):
+            return False
+    return True
+
+
 def allocate(
     quantizers: dict[str, HMQQuantizer], constraints: list[Constraint], sensitivity: Sensitivity
 ) -> dict[str, int] | None:

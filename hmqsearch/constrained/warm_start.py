@@ -16,7 +16,7 @@ import logging
 
 from torch import Tensor
 
-from hmqsearch.constrained.allocation import allocate, measure_sensitivity
+from hmqsearch.constrained.allocation import allocate, measure_sensitivity, only_lowest_fits
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.errors import UserError
 from hmqsearch.quant.hmq import HMQQuantizer
@@ -56,6 +56,9 @@ def warm_start(
     if start == "sensitivity":
         if not batches:
             raise ValueError("search.start=sensitivity needs calibration batches")
+        if only_lowest_fits(searched, constraints):
+            log.info("search starts at the lowest weight bit-widths, the only ones that meet every budget")
+            return {name: int(q.bits.min()) for name, q in searched.items()}
         assignment = allocate(searched, constraints, measure_sensitivity(qmodel, searched, batches, progress))
         if assignment is None:
             log.info("no weight bit-widths meet every budget: the search starts at the highest")
