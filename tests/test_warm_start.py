@@ -72,7 +72,7 @@ def test_init_mass_is_the_start_candidates_probability(init_mass):
     for _, layer in qmodel.layers():
         row = layer.wq.bits.tolist().index(bits)
         # the start candidate: the start width at its preferred threshold (inputs: the highest width)
-        start = layer.wq.probs().reshape(layer.wq.logits.shape)[row].max()
+        start = layer.wq.probs().detach().reshape(layer.wq.logits.shape)[row].max()
         assert float(start) == pytest.approx(init_mass, abs=1e-5)
         assert float(layer.aq.probs().reshape(layer.aq.logits.shape)[-1].max()) == pytest.approx(init_mass, abs=1e-5)
 
