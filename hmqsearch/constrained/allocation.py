@@ -31,6 +31,7 @@ from rich.progress import track
 from torch import Tensor
 
 from hmqsearch.constrained.constraints import Constraint, normalised_cost
+from hmqsearch.constrained.repair import with_argmax
 from hmqsearch.quant.hmq import HMQQuantizer
 from hmqsearch.quant.prepare import QuantModel
 
@@ -103,13 +104,10 @@ def _excess(constraints: list[Constraint]) -> float:
     return sum(max(0.0, c.exact() - c.budget) / c.budget for c in constraints)
 
 
-def _try(quantizers: dict[str, HMQQuantizer], name: str, bits: int, current: int, measure: Callable[[], T]) -> T:
-    """``measure()`` with layer ``name`` started at ``bits`` instead of ``current``."""
-    quantizers[name].start_at(bits)
-    try:
-        return measure()
-    finally:
-        quantizers[name].start_at(current)
+def _with_bits(q: HMQQuantizer, bits: int, measure: Callable[[], T]) -> T:
+    """``measure()`` with ``q`` at width ``bits`` (that width's preferred threshold), restored after."""
+    row = _candidate_bits(q).index(bits)
+    return with_argmax(q, row, int(q.logits.detach()[row].argmax()), measure)
 
 
 def only_lowest_fits(quantizers: dict[str, HMQQuantizer], constraints: list[Constraint]) -> bool:
@@ -121,8 +119,7 @@ def only_lowest_fits(quantizers: dict[str, HMQQuantizer], constraints: list[Cons
         return False
     for name, q in quantizers.items():
         higher = [b for b in _candidate_bits(q) if b > lowest[name]]
-        if higher and _try(quantizers, name, min(higher), lowest[name],
-                           lambda: all(c.satisfied() for c in constraints)):
+        if higher and _with_bits(q, min(higher), lambda: all(c.satisfied() for c in constraints)):
             return False
     return True
 
@@ -154,7 +151,7 @@ def _lower_until_feasible(
         for name, q in quantizers.items():
             current = assignment[name]
             for bits in (b for b in _candidate_bits(q) if b < current):
-                saved = before - _try(quantizers, name, bits, current, lambda: _excess(constraints))
+                saved = before - _with_bits(q, bits, lambda: _excess(constraints))
                 if saved <= 0:
                     continue
                 added = max(0.0, sensitivity[name][bits] - sensitivity[name][current])
@@ -184,12 +181,10 @@ def _raise_into_slack(
                 removed = sensitivity[name][current] - sensitivity[name][bits]
                 if removed <= 0:
                     continue
-                added, fits = _try(
-                    quantizers, name, bits, current,
-                    lambda: (normalised_cost(constraints) - before, all(c.satisfied() for c in constraints)),
-                )
-                if not fits:
+                costs = _with_bits(q, bits, lambda: [c.exact() for c in constraints])
+                if any(cost > c.budget for cost, c in zip(costs, constraints)):
                     continue
+                added = sum(cost / c.budget for cost, c in zip(costs, constraints)) - before
                 score = math.inf if added <= 0 else removed / added
                 if best is None or score > best[0]:
                     best = (score, name, bits)

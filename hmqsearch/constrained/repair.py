@@ -38,7 +38,7 @@ def _make_argmax(q: HMQQuantizer, b: int, j: int) -> None:
         q.logits[b, j] = q.logits.max() + 1.0
 
 
-def _with_argmax(q: HMQQuantizer, b: int, j: int, measure: Callable[[], T]) -> T:
+def with_argmax(q: HMQQuantizer, b: int, j: int, measure: Callable[[], T]) -> T:
     """``measure()`` with candidate (b, j) made ``q``'s argmax; ``q``'s logits are restored after."""
     saved = q.logits.detach().clone()
     _make_argmax(q, b, j)
@@ -76,7 +76,7 @@ def repair(
             margin = float(q.logits.detach().max() - q.logits.detach()[low])
             if sensitivity is not None:
                 margin = sensitivity[name.rsplit(".", 1)[0]]
-            gain = _with_argmax(q, *low, lambda: sum((before[c.name] - c.exact()) / c.budget for c in violated))
+            gain = with_argmax(q, *low, lambda: sum((before[c.name] - c.exact()) / c.budget for c in violated))
             if gain <= 0:
                 continue
             score = margin / gain
@@ -123,14 +123,14 @@ def fill(qmodel: QuantModel, constraints: list[Constraint]) -> list[RepairStep]:
                 continue
             mass = float(q.bit_probs().detach()[b + 1])
             j = int(torch.argmax(q.logits.detach()[b + 1]))
-            added = _with_argmax(q, b + 1, j, lambda: normalised_cost(constraints)) - before
+            added = with_argmax(q, b + 1, j, lambda: normalised_cost(constraints)) - before
             score = math.inf if added <= 0 else mass / added
             if best is None or (score, mass) > best[:2]:
                 best = (score, mass, name, q, b + 1, j)
         if best is None:
             return steps
         _, mass, name, q, b, j = best
-        if not _with_argmax(q, b, j, lambda: all(c.satisfied() for c in constraints)):
+        if not with_argmax(q, b, j, lambda: all(c.satisfied() for c in constraints)):
             blocked.add(name)
             continue
         old_bits = q.scheme().bits
