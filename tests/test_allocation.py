@@ -63,6 +63,36 @@ def test_measured_sensitivity_is_zero_at_the_highest_width_and_grows_as_widths_d
     assert qmodel.training
 
 
+def bn_toy(running_mean_shift: float):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 4))
+    net.train()
+    with torch.no_grad():
+        for _ in range(20):
+            net(torch.randn(64, 64))
+        net[1].running_mean += running_mean_shift
+    spec = QuantSpec(weight_bits=BITS, act_bits=[4, 8], first_layer_act_bits=None, fold_bn=False)
+    return prepare(net, spec, torch.randn(4, 64))
+
+
+def test_sensitivity_reads_batch_norm_statistics_reestimated_on_the_batches_and_leaves_the_stored_ones():
+    torch.manual_seed(1)
+    batches = [torch.randn(64, 64) for _ in range(2)]
+    measured = {}
+    for shift in (0.0, 3.0):  # stale statistics (a running mean 3 off) must not change the measurement
+        qmodel = bn_toy(shift)
+        qmodel.eval()
+        norm = next(m for m in qmodel.modules() if isinstance(m, nn.BatchNorm1d))
+        stored = {k: v.clone() for k, v in norm.state_dict().items()}
+        measured[shift] = measure_sensitivity(qmodel, weight_quantizers(qmodel), batches)
+        assert all(torch.equal(stored[k], v) for k, v in norm.state_dict().items())
+        assert norm.momentum == 0.1 and not norm.training
+    for name, by_bits in measured[0.0].items():
+        for bits, kl in by_bits.items():
+            assert measured[3.0][name][bits] == pytest.approx(kl, rel=1e-4, abs=1e-7), (name, bits)
+        assert by_bits[2] > by_bits[4] > 0.0
+
+
 @pytest.mark.parametrize("compression", [6.0, 8.5, 11.0])
 def test_allocation_meets_the_budget_and_beats_the_best_uniform_width(compression):
     qmodel = toy()
