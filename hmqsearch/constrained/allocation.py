@@ -7,12 +7,12 @@ in a short schedule.
 Sensitivity of layer l at b bits: the KL divergence of the network's output distribution when
 only layer l's weights drop to b bits (at that width's lowest-MSE threshold), every other
 quantizer at its argmax start, from the network with every weight at its highest width, on the
-calibration images (no labels needed).  Where the network keeps batch norm (``search.fold_bn=false``),
-every measurement first re-estimates the batch-norm statistics on those images: training
-re-centres and re-scales each quantized layer's output through its batch norm from the first
-steps, so the error it leaves is what the measurement should count (on ResNet-20 this divides
-the 2-bit KL of the most sensitive layers by 20-35 and changes the 12x allocation; see
-docs/benchmark.md).  The allocation treats these as additive (a
+calibration images (no labels needed). Where the network keeps batch norm
+(``search.fold_bn=false``), every measurement first re-estimates the batch-norm statistics on
+those images: training re-centres and re-scales each quantized layer's output through its batch
+norm from the first steps, so the error it leaves is what the measurement should count (on
+ResNet-20 this divides the 2-bit KL of the two most sensitive layers by 30-35 and moves the 12x
+allocation's 2-bit layers; docs/benchmark.md). The allocation treats these as additive (a
 multiple-choice knapsack) and solves it greedily on the exact discrete costs, so any set of
 budgets (size, latency) is handled as by :func:`~hmqsearch.constrained.repair.repair`:
 
