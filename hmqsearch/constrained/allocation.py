@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from rich.progress import track
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import update_bn
 
 from hmqsearch.constrained.constraints import Constraint, normalised_cost
 from hmqsearch.constrained.repair import with_argmax
@@ -51,32 +52,10 @@ def _candidate_bits(q: HMQQuantizer) -> list[int]:
     return [int(b) for b in q.bits.tolist()]
 
 
-class _BatchNormStatistics:
-    """Re-estimates every batch norm's running statistics on a fixed set of batches, and puts
-    back the statistics and momentum it found."""
-
-    def __init__(self, model: nn.Module, batches: list[Tensor]) -> None:
-        self.model, self.batches = model, batches
-        self.norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-        self.saved = [(m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in self.norms]
-
-    @torch.no_grad()
-    def reestimate(self) -> None:
-        if not self.norms:
-            return
-        for m in self.norms:
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the batches
-            m.train()
-        for x in self.batches:
-            self.model(x)
-        for m in self.norms:
-            m.eval()
-
-    def restore(self) -> None:
-        for m, (momentum, state) in zip(self.norms, self.saved):
-            m.momentum = momentum
-            m.load_state_dict(state)
+def _stored_statistics(model: nn.Module) -> list[tuple[_BatchNorm, dict[str, Tensor]]]:
+    """Every batch norm with a copy of its running statistics, to put back after ``update_bn``."""
+    return [(m, {k: v.clone() for k, v in m.state_dict().items()})
+            for m in model.modules() if isinstance(m, _BatchNorm)]
 
 
 @torch.no_grad()
@@ -96,17 +75,17 @@ def measure_sensitivity(
     was_training = qmodel.training
     device = next(qmodel.parameters()).device
     batches = [x.to(device) for x in batches]
-    norms = _BatchNormStatistics(qmodel, batches)
+    stored = _stored_statistics(qmodel)
     qmodel.set_state("fixed")
     qmodel.eval()
     try:
         for q in quantizers.values():
             q.start_at(max(_candidate_bits(q)))
-        norms.reestimate()
+        update_bn(batches, qmodel)  # a no-op without batch norm
         reference = [F.log_softmax(qmodel(x), dim=1) for x in batches]
 
         def divergence() -> float:
-            norms.reestimate()
+            update_bn(batches, qmodel)
             kl = [F.kl_div(F.log_softmax(qmodel(x), dim=1), ref, log_target=True, reduction="batchmean")
                   for x, ref in zip(batches, reference)]
             return float(torch.stack(kl).mean())
@@ -127,7 +106,8 @@ def measure_sensitivity(
             q.logits.data.copy_(saved[name])
         for _, q in qmodel.quantizers():
             q.state = states[id(q)]
-        norms.restore()
+        for norm, statistics in stored:
+            norm.load_state_dict(statistics)
         qmodel.train(was_training)
     log.info("layer sensitivity: %d layers x widths measured in %.1f s", len(quantizers), time.time() - started)
     return sensitivity
