@@ -42,6 +42,7 @@ from hmqsearch.lit.trainer import RunLoggers, make_trainer
 from hmqsearch.models.pretrained import load_pretrained
 from hmqsearch.quant.calibrate import calibrate_activations
 from hmqsearch.quant.prepare import Pin, QuantModel, QuantSpec, prepare
+from hmqsearch.report.allocation import write_allocation_report
 from hmqsearch.report.sensitivity import write_sensitivity_report
 from hmqsearch.report.table import print_final_table
 from hmqsearch.resume import STAGES, Resume, load_checkpoint
@@ -256,6 +257,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     datamodule.setup("fit")
     num_classes = datamodule.num_classes
     net: nn.Module = _instantiate(cfg.model.net)
+    model_title = str(cfg.model.net._target_).rsplit(".", 1)[-1]
     calib = datamodule.calibration_batches(cfg.search.calibration.batches)
     example = calib[0][:8]
     _check_data_fits_model(net, example, num_classes, cfg)
@@ -295,11 +297,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             assign_fixed(qmodel, method)
             qmodel.set_state("fixed")
             duals, steps, filled, disagreement, proximity_duals = {}, [], [], None, None
-            start_bits = None
+            start_bits = start_sensitivity = None
         else:
-            start_bits = warm_start(
+            start = warm_start(
                 qmodel, constraints, cfg.search.get("start", "highest"), calib, cfg.callbacks.progress_bar
             )
+            start_bits, start_sensitivity = start.bits, start.sensitivity
+            if start_sensitivity is not None and is_rank_zero():
+                write_allocation_report(start_sensitivity, start_bits, run_dir, model_title)
             search_module = search(ctx, qmodel, constraints)
             duals = search_module.duals.as_dict()
             disagreement = rank_disagreement({
@@ -309,7 +314,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             proximity_duals = search_module.proximity.duals.as_dict() if search_module.proximity else None
             if proximity_duals is not None:
                 search_module.proximity.remove()
-                write_sensitivity_report(proximity_duals, run_dir, str(cfg.model.net._target_).rsplit(".", 1)[-1])
+                write_sensitivity_report(proximity_duals, run_dir, model_title)
             by_duals = cfg.search.get("repair_by", "margin") == "duals"
             steps = repair(qmodel, constraints, proximity_duals if by_duals else None)
             filled = fill(qmodel, constraints) if cfg.search.fill_budget else []
@@ -344,6 +349,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "exact_latency": costs["exact_latency"],
             "budget_latency_ms": budget_entries.get("latency_ms", {}).get("budget"),
             "search_start_weight_bits": start_bits,
+            "search_start_sensitivity": start_sensitivity,
             "duals": duals,
             "proximity_duals": proximity_duals,
             "repair": [s.__dict__ for s in steps],

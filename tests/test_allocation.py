@@ -140,3 +140,18 @@ def test_only_lowest_fits_when_no_single_raise_keeps_the_budget():
     assert only_lowest_fits(quantizers, [tight])
     assert all(q.scheme().bits == 2 for q in quantizers.values())
     assert not only_lowest_fits(quantizers, [size_constraint(qmodel, 8.5)])
+
+
+def test_allocation_report_bolds_the_allocated_width_and_draws_a_table_without_any_error(tmp_path):
+    from hmqsearch.report.allocation import write_allocation_report
+
+    measured = {"conv1": {2: 0.2, 4: 0.01, 8: 0.0}, "fc": {2: 0.03, 4: 0.002, 8: 0.0}}
+    table, chart = write_allocation_report(measured, {"conv1": 4, "fc": 2}, tmp_path, "toy")
+    lines = table.read_text().splitlines()
+    assert "| conv1 | 4 | 0.2 | **0.01** | 0 |" in lines
+    assert "| fc | 2 | **0.03** | 0.002 | 0 |" in lines
+    assert chart.read_bytes()[:4] == b"\x89PNG"
+    # no allocation and nothing above the reference: still a table and a chart, no bold cell
+    table, chart = write_allocation_report({"fc": {8: 0.0}}, None, tmp_path / "empty")
+    assert "| fc | - | 0 |" in table.read_text() and "**" not in table.read_text()
+    assert chart.read_bytes()[:4] == b"\x89PNG"

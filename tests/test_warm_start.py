@@ -32,7 +32,7 @@ def size_constraint(qmodel, compression):
 def test_feasible_uniform_start_is_the_highest_uniform_width_within_budget(compression):
     qmodel = toy()
     c = size_constraint(qmodel, compression)
-    start = warm_start(qmodel, [c], "feasible_uniform")
+    start = warm_start(qmodel, [c], "feasible_uniform").bits
     (bits,) = set(start.values())
     assert set(start) == {name for name, _ in qmodel.layers()}
     assert c.satisfied()
@@ -59,7 +59,7 @@ def test_start_keeps_the_lowest_mse_threshold_and_most_mass_on_the_start():
 def test_highest_start_changes_nothing_and_bad_name_is_refused():
     qmodel = toy()
     before = [layer.wq.logits.detach().clone() for _, layer in qmodel.layers()]
-    assert warm_start(qmodel, [size_constraint(qmodel, 8.5)], "highest") is None
+    assert warm_start(qmodel, [size_constraint(qmodel, 8.5)], "highest") == (None, None)
     assert all(torch.equal(b, layer.wq.logits) for b, (_, layer) in zip(before, qmodel.layers()))
     with pytest.raises(UserError, match="search.start='lowest'; allowed: highest, feasible_uniform, sensitivity"):
         warm_start(qmodel, [], "lowest")
@@ -68,7 +68,7 @@ def test_highest_start_changes_nothing_and_bad_name_is_refused():
 @pytest.mark.parametrize("init_mass", [0.3, 0.95])
 def test_init_mass_is_the_start_candidates_probability(init_mass):
     qmodel = toy(init_mass)
-    (bits,) = set(warm_start(qmodel, [size_constraint(qmodel, 8.5)], "feasible_uniform").values())
+    (bits,) = set(warm_start(qmodel, [size_constraint(qmodel, 8.5)], "feasible_uniform").bits.values())
     for _, layer in qmodel.layers():
         row = layer.wq.bits.tolist().index(bits)
         # the start candidate: the start width at its preferred threshold (inputs: the highest width)
@@ -87,13 +87,17 @@ def test_sensitivity_start_meets_the_budget_with_mixed_widths_and_mass_on_them()
     qmodel = toy()
     c = size_constraint(qmodel, 8.5)
     torch.manual_seed(1)
-    start = warm_start(qmodel, [c], "sensitivity", [torch.randn(32, 64) for _ in range(2)])
+    start, sensitivity = warm_start(qmodel, [c], "sensitivity", [torch.randn(32, 64) for _ in range(2)])
     assert set(start) == {name for name, _ in qmodel.layers()}
     assert c.satisfied()
     for name, layer in qmodel.layers():
         assert layer.wq.scheme().bits == start[name]
         assert float(layer.wq.bit_probs().detach().max()) > 0.9
         assert layer.aq.scheme().bits == 8
+    # the allocation came from this measurement: every candidate width, none below the reference
+    assert set(sensitivity) == set(start)
+    for row in sensitivity.values():
+        assert set(row) == {2, 3, 4, 5, 6, 7, 8} and row[8] == 0.0 and min(row.values()) >= 0.0
 
 
 def test_digits_run_starts_the_search_at_the_sensitivity_allocation(train_run):
@@ -106,6 +110,15 @@ def test_digits_run_starts_the_search_at_the_sensitivity_allocation(train_run):
     assert set(start.values()) <= {2, 3, 4, 5, 6, 7, 8}
     assert summary["feasible"]
     assert "search starts at the sensitivity allocation" in (run_dir / "train.log").read_text()
+    # the measurement behind the start is kept: in summary.json and as allocation.md / .png
+    measured = summary["search_start_sensitivity"]
+    assert set(measured) == set(start)
+    assert all(set(row) == {str(b) for b in range(2, 9)} and row["8"] == 0.0 for row in measured.values())
+    table = (run_dir / "allocation.md").read_text()
+    for name, bits in start.items():
+        line = next(row for row in table.splitlines() if row.startswith(f"| {name} |"))
+        assert f"| {name} | {bits} |" in line and line.count("**") == 2
+    assert (run_dir / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sensitivity_start_skips_the_measurement_when_only_the_lowest_widths_fit(monkeypatch):
@@ -114,6 +127,7 @@ def test_sensitivity_start_skips_the_measurement_when_only_the_lowest_widths_fit
     c.budget = c.minimum
     monkeypatch.setattr("hmqsearch.constrained.warm_start.measure_sensitivity",
                         lambda *a, **k: pytest.fail("measured although nothing is left to allocate"))
-    start = warm_start(qmodel, [c], "sensitivity", [torch.randn(8, 64)])
+    start, sensitivity = warm_start(qmodel, [c], "sensitivity", [torch.randn(8, 64)])
+    assert sensitivity is None
     assert set(start.values()) == {2}
     assert c.satisfied()

@@ -13,10 +13,11 @@ spends the budget where it hurts least (:mod:`hmqsearch.constrained.allocation`)
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 from torch import Tensor
 
-from hmqsearch.constrained.allocation import allocate, measure_sensitivity, only_lowest_fits
+from hmqsearch.constrained.allocation import Sensitivity, allocate, measure_sensitivity, only_lowest_fits
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.errors import UserError
 from hmqsearch.quant.hmq import HMQQuantizer
@@ -25,6 +26,14 @@ from hmqsearch.quant.prepare import QuantModel
 log = logging.getLogger(__name__)
 
 STARTS = ("highest", "feasible_uniform", "sensitivity")
+
+
+class Start(NamedTuple):
+    """The start width per searched layer (None: the highest), and the layer sensitivity it
+    was allocated from (None unless measured)."""
+
+    bits: dict[str, int] | None
+    sensitivity: Sensitivity | None = None
 
 
 def check_start(start: str) -> None:
@@ -39,7 +48,7 @@ def _searched_weight_quantizers(qmodel: QuantModel) -> dict[str, HMQQuantizer]:
 def warm_start(
     qmodel: QuantModel, constraints: list[Constraint], start: str, batches: list[Tensor] | None = None,
     progress: bool = False,
-) -> dict[str, int] | None:
+) -> Start:
     """Put every searched weight quantizer's initial mass on its start bit-width.
 
     ``feasible_uniform``: the highest weight bit-width that, taken by every searched weight
@@ -47,25 +56,26 @@ def warm_start(
     per-layer width from the layer sensitivity measured on ``batches`` (calibration images),
     allocated to meet every budget (``progress``: a progress bar over the layers measured).
     Returns the start width per layer name, or None for ``highest`` or when no start fits
-    (the search then starts at the highest).
+    (the search then starts at the highest), with the sensitivity where it was measured.
     """
     check_start(start)
     if start == "highest" or not constraints:
-        return None
+        return Start(None)
     searched = _searched_weight_quantizers(qmodel)
     if start == "sensitivity":
         if not batches:
             raise ValueError("search.start=sensitivity needs calibration batches")
         if only_lowest_fits(searched, constraints):
             log.info("search starts at the lowest weight bit-widths, the only ones that meet every budget")
-            return {name: int(q.bits.min()) for name, q in searched.items()}
-        assignment = allocate(searched, constraints, measure_sensitivity(qmodel, searched, batches, progress))
+            return Start({name: int(q.bits.min()) for name, q in searched.items()})
+        sensitivity = measure_sensitivity(qmodel, searched, batches, progress)
+        assignment = allocate(searched, constraints, sensitivity)
         if assignment is None:
             log.info("no weight bit-widths meet every budget: the search starts at the highest")
         else:
             log.info("search starts at the sensitivity allocation: %s",
                      ", ".join(f"{name} {bits}" for name, bits in assignment.items()))
-        return assignment
+        return Start(assignment, sensitivity)
     widths = [{int(b) for b in q.bits.tolist()} for q in searched.values()]
     common = set.intersection(*widths) if widths else set()
     for bits in sorted(common, reverse=True):
@@ -73,8 +83,8 @@ def warm_start(
             q.start_at(bits)
         if all(c.satisfied() for c in constraints):
             log.info("search starts at uniform %d-bit weights, the highest that meets every budget", bits)
-            return dict.fromkeys(searched, bits)
+            return Start(dict.fromkeys(searched, bits))
     for q in searched.values():
         q.start_at(int(q.bits.max()))
     log.info("no uniform weight bit-width meets every budget: the search starts at the highest")
-    return None
+    return Start(None)
