@@ -40,6 +40,7 @@ from hmqsearch.lit.ddp import is_rank_zero, rank_disagreement, world_size
 from hmqsearch.lit.search import SearchModule
 from hmqsearch.lit.trainer import RunLoggers, make_trainer
 from hmqsearch.models.pretrained import load_pretrained
+from hmqsearch.quant.batch_norm import reestimate_batch_norm
 from hmqsearch.quant.calibrate import calibrate_activations
 from hmqsearch.quant.prepare import Pin, QuantModel, QuantSpec, prepare
 from hmqsearch.report.allocation import write_allocation_report
@@ -113,11 +114,11 @@ def distill_spec(cfg: DictConfig) -> DistillSpec:
     return spec
 
 
-def _check_epochs(cfg: DictConfig) -> None:
-    for stage in ("pretrain", "search", "finetune"):
-        epochs = cfg[stage].epochs
-        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
-            raise UserError(f"{stage}.epochs={epochs!r}; allowed: an integer >= 0")
+def _check_counts(cfg: DictConfig) -> None:
+    for key in ("pretrain.epochs", "search.epochs", "finetune.epochs", "search.bn_batches"):
+        value = OmegaConf.select(cfg, key, default=0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(f"{key}={value!r}; allowed: an integer >= 0")
 
 
 @torch.no_grad()
@@ -250,7 +251,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     proximity_spec(cfg)
     distill = distill_spec(cfg)
     check_start(cfg.search.get("start", "highest"))
-    _check_epochs(cfg)
+    _check_counts(cfg)
     export_config(OmegaConf.to_container(cfg.export, resolve=True))  # export options checked before training
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = _instantiate(cfg.data)
@@ -298,6 +299,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             qmodel.set_state("fixed")
             duals, steps, filled, disagreement, proximity_duals = {}, [], [], None, None
             start_bits = start_sensitivity = None
+            bn_batches = 0
         else:
             start = warm_start(
                 qmodel, constraints, cfg.search.get("start", "highest"), calib, cfg.callbacks.progress_bar
@@ -318,6 +320,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             by_duals = cfg.search.get("repair_by", "margin") == "duals"
             steps = repair(qmodel, constraints, proximity_duals if by_duals else None)
             filled = fill(qmodel, constraints) if cfg.search.fill_budget else []
+            bn_batches = reestimate_batch_norm(qmodel, ctx.datamodule.train_dataloader(), cfg.search.get("bn_batches", 0))
         timings["search_s"] = time.time() - t0
         search_top1 = evaluate(qmodel, test_loader, num_classes)
 
@@ -350,6 +353,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "budget_latency_ms": budget_entries.get("latency_ms", {}).get("budget"),
             "search_start_weight_bits": start_bits,
             "search_start_sensitivity": start_sensitivity,
+            "bn_reestimated_batches": bn_batches,
             "duals": duals,
             "proximity_duals": proximity_duals,
             "repair": [s.__dict__ for s in steps],

@@ -48,6 +48,7 @@ CONFIG_CASES = [
     ("missing-latency-table", ["cost=measured", "cost.latency_table=/nonexistent/table.json"], USER_ERROR, "latency table /nonexistent/table.json does not exist"),
     ("negative-epochs", ["finetune.epochs=-1"], USER_ERROR, "finetune.epochs=-1; allowed: an integer >= 0"),
     ("epochs-not-int", ["search.epochs=two"], USER_ERROR, "search.epochs='two'; allowed: an integer >= 0"),
+    ("negative-bn-batches", ["search.bn_batches=-2"], USER_ERROR, "search.bn_batches=-2; allowed: an integer >= 0"),
     ("batch-size-zero", ["data.batch_size=0"], USER_ERROR, "data.batch_size=0; allowed: an integer from 1 to"),
     ("val-size-too-small", ["data.val_size=5"], USER_ERROR, "data.val_size=5; allowed: an integer from 10 to"),
     ("wrong-num-classes", ["model.net.num_classes=7"], USER_ERROR, "outputs shape (7,) but the data has 10 classes; set model.net.num_classes=10"),
