@@ -10,6 +10,7 @@ from hmqsearch.constrained.allocation import allocate, measure_sensitivity, only
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.cost import size
 from hmqsearch.quant.prepare import QuantSpec, prepare
+from hmqsearch.report.allocation import write_allocation_report
 
 BITS = [2, 3, 4, 5, 6, 7, 8]
 
@@ -143,8 +144,6 @@ def test_only_lowest_fits_when_no_single_raise_keeps_the_budget():
 
 
 def test_allocation_report_bolds_the_allocated_width_and_draws_a_table_without_any_error(tmp_path):
-    from hmqsearch.report.allocation import write_allocation_report
-
     measured = {"conv1": {2: 0.2, 4: 0.01, 8: 0.0}, "fc": {2: 0.03, 4: 0.002, 8: 0.0}}
     table, chart = write_allocation_report(measured, {"conv1": 4, "fc": 2}, tmp_path, "toy")
     lines = table.read_text().splitlines()

@@ -13,10 +13,10 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from hmqsearch.constrained.allocation import Sensitivity  # noqa: E402
 from hmqsearch.io import atomic_write, atomic_write_text  # noqa: E402
 
 TABLE_NAME, CHART_NAME = "allocation.md", "allocation.png"
-Sensitivity = dict[str, dict[int, float]]  # layer -> width -> KL, as measured by constrained.allocation
 
 
 def _widths(sensitivity: Sensitivity) -> list[int]:
