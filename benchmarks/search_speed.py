@@ -7,7 +7,8 @@ search and of the fine-tune, on the same batch, in one run, and print the ratios
 * search+kd the same with the distillation loss of the CIFAR-10 recipe (a float teacher forward)
 * finetune  the searched model with its assignment frozen (argmax schemes), SGD
 
-Medians over --steps after --warmup steps.  Default: CIFAR ResNet-20, batch 128, CPU, random
+Medians over --steps after --warmup steps (on a GPU each step ends with a synchronize).
+Default: CIFAR ResNet-20, batch 128, CPU (``--device cuda`` for a GPU), random
 data shaped like CIFAR-10 (the step time does not depend on the pixel values), batch norm kept
 as in the CIFAR-10 recipe (``--fold-bn`` folds it into the convolutions, as
 ``search.fold_bn=true`` does). The fake-quant backend (compiled kernel or PyTorch) is printed;
@@ -15,6 +16,7 @@ as in the CIFAR-10 recipe (``--fold-bn`` folds it into the convolutions, as
 
     python benchmarks/search_speed.py                     # ResNet-20, batch 128
     python benchmarks/search_speed.py --profile 5         # plus a torch.profiler table of the search step
+    python benchmarks/search_speed.py --device cuda       # on a GPU (the CUDA kernels, if they build)
 """
 
 from __future__ import annotations
@@ -42,22 +44,26 @@ from hmqsearch.quant.calibrate import calibrate_activations  # noqa: E402
 from hmqsearch.quant.prepare import QuantSpec, prepare  # noqa: E402
 
 
-def median_seconds(step: Callable[[], None], warmup: int, steps: int) -> float:
+def median_seconds(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         step()
+    sync()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def make_steps(depth: int, batch: int, fold_bn: bool = False) -> dict[str, Callable[[], None]]:
-    """The three training steps, each on the same fixed batch."""
+def make_steps(depth: int, batch: int, fold_bn: bool = False,
+               device: torch.device = torch.device("cpu")) -> dict[str, Callable[[], None]]:
+    """The training steps, each on the same fixed batch."""
     torch.manual_seed(0)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    net = getattr(resnet_cifar, f"resnet{depth}")(num_classes=10).train()
+    x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
+    net = getattr(resnet_cifar, f"resnet{depth}")(num_classes=10).train().to(device)
     float_opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
 
     def float_step() -> None:
@@ -66,10 +72,10 @@ def make_steps(depth: int, batch: int, fold_bn: bool = False) -> dict[str, Calla
         float_opt.step()
 
     spec = QuantSpec(weight_bits=[2, 3, 4, 5, 6, 7, 8], act_bits=[4, 8], fold_bn=fold_bn)
-    qmodel = prepare(net, spec, x[:8])
+    qmodel = prepare(net, spec, x[:8]).to(device)
     calibrate_activations(qmodel, [x])
     constraints = build_constraints(qmodel, BudgetSpec(weight_compression=8), None)
-    duals = DualVariables([c.name for c in constraints], lr=0.05)
+    duals = DualVariables([c.name for c in constraints], lr=0.05).to(device)
     qmodel.set_state("search")
     qmodel.set_tau(1.0)
     qmodel.train()
@@ -112,14 +118,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--profile", type=int, default=0, help="profile this many search steps (torch.profiler)")
     parser.add_argument("--fold-bn", action="store_true", help="fold batch norm into the convolutions")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False")
+    device = torch.device(args.device)
 
-    steps = make_steps(args.depth, args.batch, args.fold_bn)
-    times = {name: median_seconds(step, args.warmup, args.steps) for name, step in steps.items()}
+    steps = make_steps(args.depth, args.batch, args.fold_bn, device)
+    times = {name: median_seconds(step, args.warmup, args.steps, device) for name, step in steps.items()}
 
-    table = Table(title=f"Training step, ResNet-{args.depth}, batch {args.batch}, CPU, "
-                        f"{torch.get_num_threads()} threads, median of {args.steps} after {args.warmup} warm-up, "
-                        f"batch norm {'folded' if args.fold_bn else 'kept'}, fake_quant: {active_backend('cpu')}")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    table = Table(title=f"Training step, ResNet-{args.depth}, batch {args.batch}, {where}, "
+                        f"median of {args.steps} after {args.warmup} warm-up, "
+                        f"batch norm {'folded' if args.fold_bn else 'kept'}, fake_quant: {active_backend(device)}")
     for col in ("step", "ms", "x float"):
         table.add_column(col, justify="left" if col == "step" else "right")
     for name, seconds in times.items():
@@ -127,7 +138,7 @@ def main() -> None:
     Console().print(table)
 
     if args.profile:
-        steps = make_steps(args.depth, args.batch, args.fold_bn)
+        steps = make_steps(args.depth, args.batch, args.fold_bn, device)
         with torch.profiler.profile() as prof:
             for _ in range(args.profile):
                 steps["search"]()
