@@ -37,6 +37,7 @@ from hmqsearch.lit.checkpointing import LAST
 from hmqsearch.lit.classifier import ClassifierModule
 from hmqsearch.lit.distill import DistillSpec, Distiller
 from hmqsearch.lit.ddp import is_rank_zero, rank_disagreement, world_size
+from hmqsearch.lit.device import on_device, stage_device
 from hmqsearch.lit.search import SearchModule
 from hmqsearch.lit.trainer import RunLoggers, make_trainer
 from hmqsearch.models.pretrained import load_pretrained
@@ -122,12 +123,15 @@ def _check_counts(cfg: DictConfig) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, num_classes: int) -> float:
-    """Top-1 accuracy in percent."""
-    model.eval()
-    acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-    for x, y in loader:
-        acc.update(model(x), y)
+def evaluate(model: nn.Module, loader: Any, num_classes: int, device: torch.device | None = None) -> float:
+    """Top-1 accuracy in percent, computed on ``device`` (default: the CPU); the model is left
+    in eval mode where it was."""
+    device = device or torch.device("cpu")
+    acc = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+    with on_device(model, device):
+        model.eval()
+        for x, y in loader:
+            acc.update(model(x.to(device)), y.to(device))
     return 100.0 * float(acc.compute())
 
 
@@ -253,6 +257,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     check_start(cfg.search.get("start", "highest"))
     _check_counts(cfg)
     export_config(OmegaConf.to_container(cfg.export, resolve=True))  # export options checked before training
+    device = stage_device(cfg.trainer)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = _instantiate(cfg.data)
     datamodule.setup("fit")
@@ -279,16 +284,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             pretrain(ctx, net)
             timings["pretrain_s"] = time.time() - t0
         test_loader = datamodule.test_dataloader()
-        float_top1 = evaluate(net, test_loader, num_classes)
+        log.info("evaluation, calibration and batch-norm passes on %s", device)
+        float_top1 = evaluate(net, test_loader, num_classes, device)
         log.info("float test top-1: %.2f %%", float_top1)
         if distill.enabled:
             ctx.teacher = net  # prepare() works on a copy: net stays the float model
 
         t0 = time.time()
         qmodel = prepare(net, spec, example)
-        ranges = calibrate_activations(
-            qmodel, calib, cfg.search.calibration.method, cfg.search.calibration.percentile
-        )
+        with on_device(qmodel, device):
+            ranges = calibrate_activations(
+                qmodel, calib, cfg.search.calibration.method, cfg.search.calibration.percentile
+            )
         table = _latency_table(qmodel, cfg)
         constraints = [] if method.is_baseline else build_constraints(qmodel, budgets, table)
         timings["calibrate_s"] = time.time() - t0
@@ -301,9 +308,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             start_bits = start_sensitivity = None
             bn_batches = 0
         else:
-            start = warm_start(
-                qmodel, constraints, cfg.search.get("start", "highest"), calib, cfg.callbacks.progress_bar
-            )
+            with on_device(qmodel, device):
+                start = warm_start(
+                    qmodel, constraints, cfg.search.get("start", "highest"), calib, cfg.callbacks.progress_bar
+                )
             start_bits, start_sensitivity = start.bits, start.sensitivity
             if start_sensitivity is not None and is_rank_zero():
                 write_allocation_report(start_sensitivity, start_bits, run_dir, model_title)
@@ -320,15 +328,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             by_duals = cfg.search.get("repair_by", "margin") == "duals"
             steps = repair(qmodel, constraints, proximity_duals if by_duals else None)
             filled = fill(qmodel, constraints) if cfg.search.fill_budget else []
-            bn_batches = reestimate_batch_norm(qmodel, ctx.datamodule.train_dataloader(), cfg.search.get("bn_batches", 0))
+            with on_device(qmodel, device):
+                bn_batches = reestimate_batch_norm(
+                    qmodel, ctx.datamodule.train_dataloader(), cfg.search.get("bn_batches", 0)
+                )
         timings["search_s"] = time.time() - t0
-        search_top1 = evaluate(qmodel, test_loader, num_classes)
+        search_top1 = evaluate(qmodel, test_loader, num_classes, device)
 
         t0 = time.time()
         if method.trains:
             finetune(ctx, qmodel)
             timings["finetune_s"] = time.time() - t0
-        quant_top1 = evaluate(qmodel, test_loader, num_classes) if method.trains else search_top1
+        quant_top1 = evaluate(qmodel, test_loader, num_classes, device) if method.trains else search_top1
 
         costs = _costs(qmodel, budgets, table)
         budget_entries = {c.name: {"budget": c.budget, "exact": c.exact(), "unit": c.unit} for c in constraints}

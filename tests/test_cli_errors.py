@@ -59,6 +59,9 @@ CONFIG_CASES = [
     ("search-start", ["search.start=lowest"], USER_ERROR, "search.start='lowest'; allowed: highest, feasible_uniform, sensitivity"),
     ("distill-stage", ["distill.stages=[pretrain]"], USER_ERROR, "distill.stages=['pretrain']; allowed entries: search, finetune"),
     ("cifar-missing-root", ["data=cifar10", "model=resnet20", "data.root=/nonexistent/cifar"], USER_ERROR, "/nonexistent/cifar"),
+    *([] if torch.cuda.is_available() else [  # a mistake only where there is no GPU
+        ("gpu-without-cuda", ["trainer.accelerator=gpu"], USER_ERROR, "trainer.accelerator=gpu, but torch"),
+    ]),
 ]
 
 

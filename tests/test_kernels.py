@@ -280,6 +280,36 @@ def test_opcheck() -> None:
             torch.library.opcheck(fake_quant_backward_op, args)
 
 
+@pytest.mark.parametrize("axis", [None, 1])
+def test_eager_function_equals_the_custom_op(axis: Axis, cpu_backend: str) -> None:
+    """Eager fake_quant (a plain autograd.Function, for its lower call overhead) and the custom
+    op with its registered autograd give the same bits, forward and backward."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(8, 4, 6, generator=gen) * 2
+    params = make_params(x.shape, axis, True, False)
+    grad = torch.randn(x.shape, generator=gen)
+    out, grads = run(x, params, axis, grad)
+    xr = x.clone().requires_grad_()
+    ps = [p.clone().requires_grad_() for p in params]
+    op_out = fake_quant_op(xr, *ps, axis)
+    op_out.backward(grad)
+    assert_bitwise(out, op_out.detach())
+    for got, want in zip(grads, [xr.grad, *(p.grad for p in ps)]):
+        assert_bitwise(got, want)
+
+
+def test_torch_compile_traces_the_custom_op() -> None:
+    torch._dynamo.reset()
+    graphs = []
+
+    def capture(gm: torch.fx.GraphModule, _inputs: list[Tensor]):  # noqa: ANN202
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(lambda x: fake_quant(x, 0.5, -4.0, 3.5), backend=capture, fullgraph=True)(torch.randn(5))
+    assert any("hmqsearch.fake_quant" in str(node.target) for node in graphs[0].graph.nodes)
+
+
 def _compiled_matches_eager(compile_backend: str) -> None:
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(5)

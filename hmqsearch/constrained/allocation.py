@@ -49,7 +49,7 @@ T = TypeVar("T")
 
 
 def _candidate_bits(q: HMQQuantizer) -> list[int]:
-    return [int(b) for b in q.bits.tolist()]
+    return list(q.candidate_bits)
 
 
 def _stored_statistics(model: nn.Module) -> list[tuple[_BatchNorm, dict[str, Tensor]]]:

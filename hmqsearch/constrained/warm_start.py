@@ -76,7 +76,7 @@ def warm_start(
             log.info("search starts at the sensitivity allocation: %s",
                      ", ".join(f"{name} {bits}" for name, bits in assignment.items()))
         return Start(assignment, sensitivity)
-    widths = [{int(b) for b in q.bits.tolist()} for q in searched.values()]
+    widths = [set(q.candidate_bits) for q in searched.values()]
     common = set.intersection(*widths) if widths else set()
     for bits in sorted(common, reverse=True):
         for q in searched.values():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -57,6 +57,15 @@ class LatencyTable:
     overhead_ms: float = 0.0
     batch: int | None = None
     threads: int | None = None
+    _luts: dict[tuple[str, torch.device], Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def lut(self, layer: str, device: torch.device) -> Tensor:
+        """``ms[layer]`` as a float32 tensor on ``device``, made once: building it every step
+        would copy from the host and wait for the GPU."""
+        key = (layer, device)
+        if key not in self._luts:
+            self._luts[key] = torch.tensor(self.ms[layer], dtype=torch.float32, device=device)
+        return self._luts[key]
 
     def lookup(self, layer: str, bw: int | None, ba: int | None) -> float:
         bw = FLOAT_BITS if bw is None else bw
@@ -73,7 +82,7 @@ class LatencyTable:
     def save(self, path: str | Path) -> None:
         from hmqsearch.io import atomic_write_text
 
-        atomic_write_text(path, json.dumps(self.__dict__, indent=1))
+        atomic_write_text(path, json.dumps({f.name: getattr(self, f.name) for f in fields(self) if f.init}, indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> "LatencyTable":
@@ -91,7 +100,7 @@ class LatencyTable:
 
 
 def _candidate_bits(q) -> list[int]:  # noqa: ANN001 - HMQQuantizer
-    return [FLOAT_BITS] if q.float_pinned else [int(b) for b in q.bits.tolist()]
+    return [FLOAT_BITS] if q.float_pinned else list(q.candidate_bits)
 
 
 def analytic_table(qmodel: QuantModel, target: Target) -> LatencyTable:
@@ -112,7 +121,7 @@ def expected_latency(qmodel: QuantModel, table: LatencyTable) -> Tensor:
     """sum_l p_l(bw)^T LUT_l p_l(ba); differentiable w.r.t. the logits."""
     terms = []
     for name, layer in qmodel.layers():
-        lut = layer.wq.bits.new_tensor(table.ms[name])
+        lut = table.lut(name, layer.wq.bits.device)
         pw = _probs_over(layer.wq, table.w_bits[name])
         pa = _probs_over(layer.aq, table.a_bits[name])
         terms.append(pw @ lut @ pa)

@@ -41,7 +41,7 @@ from hmqsearch.quant.prepare import QuantModel
 
 
 def _candidates(q) -> list[int]:  # noqa: ANN001 - HMQQuantizer
-    return [FLOAT_BITS] if q.float_pinned else [int(b) for b in q.bits.tolist()]
+    return [FLOAT_BITS] if q.float_pinned else list(q.candidate_bits)
 
 
 def device_name() -> str:

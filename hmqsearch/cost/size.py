@@ -72,12 +72,15 @@ def expected_weight_bytes(qmodel: QuantModel, basis: str = "packed") -> Tensor:
     terms = []
     for _, layer in qmodel.layers():
         bits = layer.wq.bits
+        # tensor ops on the device only: a host-built tensor would wait for the GPU every step
         if layer.wq.float_pinned:
-            terms.append(bits.new_tensor(float(layer_weight_bytes(layer, None))))
+            terms.append(bits.new_full((), float(layer_weight_bytes(layer, None))))
             continue
-        per_bit = bits.new_tensor([layer_weight_bytes(layer, int(b), basis) for b in bits.tolist()])
         if basis == "packed":  # drop the ceil so the expectation is linear in E[bits]
             per_bit = layer.weight.numel() * bits / 8
+        else:
+            per_bit = torch.where(bits <= 4, float(layer_weight_bytes(layer, 4, basis)),
+                                  float(layer_weight_bytes(layer, 8, basis)))
         terms.append((layer.wq.bit_probs() * per_bit).sum())
     return torch.stack(terms).sum()
 

@@ -74,8 +74,8 @@ def _apply_scheme(q: HMQQuantizer, entry: dict[str, Any], where: str) -> None:
         bits, signed, exps = int(entry["bits"]), bool(entry["signed"]), entry["threshold_exp"]
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{where}: malformed scheme {entry!r} ({exc})") from exc
-    if bits not in [int(b) for b in q.bits.tolist()]:
-        raise UserError(f"{where}: bits={bits} is not a candidate here (allowed {[int(b) for b in q.bits.tolist()]})")
+    if bits not in q.candidate_bits:
+        raise UserError(f"{where}: bits={bits} is not a candidate here (allowed {list(q.candidate_bits)})")
     exps_t = torch.as_tensor(exps if isinstance(exps, list) else [exps], dtype=torch.float32)
     if exps_t.numel() not in (1, q.base_exp.numel()):
         raise UserError(f"{where}: {exps_t.numel()} threshold exponents for {q.base_exp.numel()} channels")

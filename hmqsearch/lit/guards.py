@@ -69,8 +69,12 @@ class NonFiniteGuard(Callback):
         # every rank stops together in on_before_optimizer_step.
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        for name, p in pl_module.named_parameters():
-            if p.grad is not None and not torch.isfinite(p.grad).all():
+        grads = [(name, p.grad) for name, p in pl_module.named_parameters() if p.grad is not None]
+        # one host read for all gradients: one per parameter would wait for the GPU each time
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all()):
+            return
+        for name, grad in grads:
+            if not torch.isfinite(grad).all():
                 if self._loss_problem is not None:
                     self._halt(trainer, *self._loss_problem)
                 self._halt(trainer, f"gradient (parameter {name})", name.rsplit(".", 1)[0].removeprefix("model."))

@@ -45,9 +45,10 @@ def calibrate_activations(
     states = {id(q): q.state for _, q in qmodel.quantizers()}
     was_training = qmodel.training
     qmodel.eval().set_state("float")
+    device = next(qmodel.parameters()).device
     try:
         for x in batches:
-            qmodel(x)
+            qmodel(x.to(device))
     finally:
         for h in handles:
             h.remove()

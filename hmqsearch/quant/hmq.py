@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hmqsearch.kernels import fake_quant
@@ -72,6 +71,7 @@ class HMQQuantizer(nn.Module):
         self.register_buffer("signed_flag", torch.tensor(signed))
         self.per_channel_axis = per_channel_axis
         self.register_buffer("bits", torch.tensor(sorted(set(bits)), dtype=torch.float32))
+        self.candidate_bits: tuple[int, ...] = tuple(sorted({int(b) for b in bits}))  # `bits` read without a GPU sync
         self.register_buffer("base_exp", torch.zeros(num_channels))
         self.register_buffer("tau", torch.tensor(1.0))
         self.n_thresholds = n_thresholds
@@ -130,7 +130,7 @@ class HMQQuantizer(nn.Module):
     def start_at(self, bits: int) -> None:
         """Move the initial mass to bit-width ``bits``, each row keeping its preferred threshold
         (the row's argmax: the initial logits put the row prior there)."""
-        row = self.bits.tolist().index(bits)
+        row = self.candidate_bits.index(bits)
         best = self.logits.detach().argmax(1)
         with torch.no_grad():
             self.logits.copy_(self._initial_logits(self.init_mass, best, row).to(self.logits.device))
@@ -147,14 +147,15 @@ class HMQQuantizer(nn.Module):
         return torch.exp2(self.base_exp[:, None] + 1.0 - offsets[None, :])
 
     def _shift(self) -> Tensor:
-        return self.bits - 1.0 if self.signed else self.bits
+        # arithmetic on the flag, not `self.signed`: a host read would wait for the GPU every forward
+        return self.bits - self.signed_flag.to(self.bits.dtype)
 
     def candidate_tables(self) -> tuple[Tensor, Tensor, Tensor]:
         """Per-candidate (step, lo, hi), each shaped (K, channels), K = bits x thresholds."""
         t = self.threshold_table()  # (C, T)
         step = t[None, :, :] / torch.exp2(self._shift())[:, None, None]  # (B, C, T)
         hi = t[None] - step
-        lo = -t[None].expand_as(step) if self.signed else torch.zeros_like(step)
+        lo = torch.where(self.signed_flag, -t[None].expand_as(step), torch.zeros_like(step))
         flat = lambda v: v.permute(0, 2, 1).reshape(-1, v.shape[1])  # noqa: E731 (B,T) major
         return flat(step), flat(lo), flat(hi)
 
@@ -171,8 +172,18 @@ class HMQQuantizer(nn.Module):
         return (self.bit_probs() * self.bits).sum()
 
     def sample(self) -> Tensor:
-        """Gumbel-Softmax weights over the candidates (hard one-hot forward in ``hard`` mode)."""
-        return F.gumbel_softmax(self.logits.reshape(-1), tau=float(self.tau), hard=self.mode == "hard")
+        """Gumbel-Softmax weights over the candidates (hard one-hot forward in ``hard`` mode).
+
+        ``torch.nn.functional.gumbel_softmax`` with the temperature kept a tensor: reading it on the host would
+        wait for the GPU in every forward.
+        """
+        logits = self.logits.reshape(-1)
+        gumbels = -torch.empty_like(logits).exponential_().log()
+        soft = ((logits + gumbels) / self.tau).softmax(0)
+        if self.mode != "hard":
+            return soft
+        hard = torch.zeros_like(soft).scatter_(0, soft.argmax(0, keepdim=True), 1.0)
+        return hard - soft.detach() + soft
 
     def chosen_index(self) -> tuple[int, int]:
         """(bit index, threshold index) of the argmax candidate."""
@@ -186,9 +197,9 @@ class HMQQuantizer(nn.Module):
 
     def fix_to(self, bits: int, threshold_index: int | None = None) -> None:
         """Make (bits, threshold) the argmax by a wide margin (used by repair and baselines)."""
-        if bits not in self.bits.tolist():
-            raise ValueError(f"bits={bits} is not a candidate of this quantizer ({self.bits.tolist()})")
-        b = self.bits.tolist().index(bits)
+        if bits not in self.candidate_bits:
+            raise ValueError(f"bits={bits} is not a candidate of this quantizer ({list(self.candidate_bits)})")
+        b = self.candidate_bits.index(bits)
         j = self.chosen_index()[1] if threshold_index is None else threshold_index
         with torch.no_grad():
             self.logits.fill_(0.0)
@@ -198,10 +209,14 @@ class HMQQuantizer(nn.Module):
         """True when the forward pass applies the argmax scheme (fixed state, or search in eval)."""
         return self.state == "fixed" or (self.state == "search" and not self.training)
 
+    def _chosen_row(self) -> Tensor:
+        """Flat index of the argmax candidate as a 1-element tensor on the quantizer's device;
+        indexing with it, unlike :meth:`chosen_index`, does not wait for the GPU."""
+        return torch.argmax(self.logits.reshape(-1)).reshape(1)
+
     def discrete_steps(self) -> Tensor:
         """Steps of the argmax scheme, one per channel, on the quantizer's device."""
-        b, j = self.chosen_index()
-        return self.candidate_tables()[0][b * self.n_thresholds + j]
+        return self.candidate_tables()[0].index_select(0, self._chosen_row())[0]
 
     # -------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
@@ -232,13 +247,12 @@ class HMQQuantizer(nn.Module):
         return self._quant(x, pi @ step, pi @ lo, pi @ hi)
 
     def _discrete(self, x: Tensor) -> Tensor:
-        b, j = self.chosen_index()
-        k = b * self.n_thresholds + j
-        step, lo, hi = (v[k] for v in self.candidate_tables())
+        k = self._chosen_row()
+        step, lo, hi = (v.index_select(0, k)[0] for v in self.candidate_tables())
         return self._quant(x, step, lo, hi)
 
     def extra_repr(self) -> str:
         return (
-            f"bits={[int(b) for b in self.bits.tolist()]}, n_thresholds={self.n_thresholds}, "
+            f"bits={list(self.candidate_bits)}, n_thresholds={self.n_thresholds}, "
             f"signed={self.signed}, per_channel_axis={self.per_channel_axis}, mode={self.mode}"
         )
