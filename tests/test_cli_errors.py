@@ -8,7 +8,6 @@ docs/reliability.md lists every case.
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path

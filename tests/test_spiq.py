@@ -7,7 +7,6 @@ import math
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 import torch
 import torch.nn.functional as F
 from onnx import numpy_helper

@@ -7,10 +7,10 @@ custom ops with fake (meta) implementations and autograd, so they trace under
 :mod:`hmqsearch.kernels.torch_impl`; both have the same numerics.
 
 In eager mode ``fake_quant`` calls the same implementations through a plain
-``torch.autograd.Function`` instead: a custom op's Python dispatch costs about three times a
-Function's (a forward and backward of a 64 x 64 tensor on the 2-core CI CPU: 225 against
-72 us), paid twice per quantized layer and step, and on a GPU that host time, not the
-kernels, bounds a small network's step.
+``torch.autograd.Function`` instead: the custom op's Python dispatch nearly doubles the cost
+of a call (``fake_quant`` forward and backward of a 64 x 64 tensor on the 2-core CI CPU: 225
+through the op, 118 us through the Function), paid twice per quantized layer and step, and on
+a GPU that host time, not the kernels, bounds a small network's step.
 """
 
 from __future__ import annotations
