@@ -174,8 +174,8 @@ class HMQQuantizer(nn.Module):
     def sample(self) -> Tensor:
         """Gumbel-Softmax weights over the candidates (hard one-hot forward in ``hard`` mode).
 
-        ``torch.nn.functional.gumbel_softmax`` with the temperature kept a tensor: reading it on the host would
-        wait for the GPU in every forward.
+        ``torch.nn.functional.gumbel_softmax`` with the temperature kept a tensor: reading it
+        on the host would wait for the GPU in every forward.
         """
         logits = self.logits.reshape(-1)
         gumbels = -torch.empty_like(logits).exponential_().log()
