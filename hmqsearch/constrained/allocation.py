@@ -48,10 +48,6 @@ Sensitivity = dict[str, dict[int, float]]
 T = TypeVar("T")
 
 
-def _candidate_bits(q: HMQQuantizer) -> list[int]:
-    return list(q.candidate_bits)
-
-
 def _stored_statistics(model: nn.Module) -> list[tuple[_BatchNorm, dict[str, Tensor]]]:
     """Every batch norm with a copy of its running statistics, to put back after ``update_bn``."""
     return [(m, {k: v.clone() for k, v in m.state_dict().items()})
@@ -80,7 +76,7 @@ def measure_sensitivity(
     qmodel.eval()
     try:
         for q in quantizers.values():
-            q.start_at(max(_candidate_bits(q)))
+            q.start_at(max(q.candidate_bits))
         update_bn(batches, qmodel)  # a no-op without batch norm
         reference = [F.log_softmax(qmodel(x), dim=1) for x in batches]
 
@@ -93,9 +89,9 @@ def measure_sensitivity(
         sensitivity: Sensitivity = {}
         layers = track(quantizers.items(), description="layer sensitivity", disable=not progress, transient=True)
         for name, q in layers:
-            highest = max(_candidate_bits(q))
+            highest = max(q.candidate_bits)
             sensitivity[name] = {highest: 0.0}
-            for bits in _candidate_bits(q):
+            for bits in q.candidate_bits:
                 if bits == highest:
                     continue
                 q.start_at(bits)
@@ -125,19 +121,19 @@ def _excess(constraints: list[Constraint]) -> float:
 
 def _with_bits(q: HMQQuantizer, bits: int, measure: Callable[[], T]) -> T:
     """``measure()`` with ``q`` at width ``bits`` (that width's preferred threshold), restored after."""
-    row = _candidate_bits(q).index(bits)
+    row = q.candidate_bits.index(bits)
     return with_argmax(q, row, int(q.logits.detach()[row].argmax()), measure)
 
 
 def only_lowest_fits(quantizers: dict[str, HMQQuantizer], constraints: list[Constraint]) -> bool:
     """Whether every layer at its lowest width is the only assignment that meets every budget
     (then there is nothing to allocate). Leaves every quantizer started at its lowest width."""
-    lowest = {name: min(_candidate_bits(q)) for name, q in quantizers.items()}
+    lowest = {name: min(q.candidate_bits) for name, q in quantizers.items()}
     _apply(quantizers, lowest)
     if not all(c.satisfied() for c in constraints):
         return False
     for name, q in quantizers.items():
-        higher = [b for b in _candidate_bits(q) if b > lowest[name]]
+        higher = [b for b in q.candidate_bits if b > lowest[name]]
         if higher and _with_bits(q, min(higher), lambda: all(c.satisfied() for c in constraints)):
             return False
     return True
@@ -151,7 +147,7 @@ def allocate(
     Leaves each quantizer started at its width and returns the assignment, or None (every
     quantizer back at its highest width) when even the lowest widths break a budget.
     """
-    assignment = {name: max(_candidate_bits(q)) for name, q in quantizers.items()}
+    assignment = {name: max(q.candidate_bits) for name, q in quantizers.items()}
     _apply(quantizers, assignment)
     if not _lower_until_feasible(quantizers, constraints, sensitivity, assignment):
         return None
@@ -169,7 +165,7 @@ def _lower_until_feasible(
         best: tuple[float, str, int] | None = None
         for name, q in quantizers.items():
             current = assignment[name]
-            for bits in (b for b in _candidate_bits(q) if b < current):
+            for bits in (b for b in q.candidate_bits if b < current):
                 saved = before - _with_bits(q, bits, lambda: _excess(constraints))
                 if saved <= 0:
                     continue
@@ -177,7 +173,7 @@ def _lower_until_feasible(
                 if best is None or added / saved < best[0]:
                     best = (added / saved, name, bits)
         if best is None:
-            _apply(quantizers, {name: max(_candidate_bits(q)) for name, q in quantizers.items()})
+            _apply(quantizers, {name: max(q.candidate_bits) for name, q in quantizers.items()})
             return False
         _, name, bits = best
         assignment[name] = bits
@@ -196,7 +192,7 @@ def _raise_into_slack(
         best: tuple[float, str, int] | None = None
         for name, q in quantizers.items():
             current = assignment[name]
-            for bits in (b for b in _candidate_bits(q) if b > current):
+            for bits in (b for b in q.candidate_bits if b > current):
                 removed = sensitivity[name][current] - sensitivity[name][bits]
                 if removed <= 0:
                     continue

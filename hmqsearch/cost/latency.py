@@ -99,7 +99,8 @@ class LatencyTable:
             raise UserError(f"latency table {p} is not a valid table ({exc})") from exc
 
 
-def _candidate_bits(q) -> list[int]:  # noqa: ANN001 - HMQQuantizer
+def latency_bits(q) -> list[int]:  # noqa: ANN001 - HMQQuantizer
+    """A quantizer's candidate bit-widths as latency tables index them (float counts as 32)."""
     return [FLOAT_BITS] if q.float_pinned else list(q.candidate_bits)
 
 
@@ -107,7 +108,7 @@ def analytic_table(qmodel: QuantModel, target: Target) -> LatencyTable:
     """Analytic table over every layer's candidate bit-widths (float counts as 32 bits)."""
     w_bits, a_bits, ms = {}, {}, {}
     for name, layer in qmodel.layers():
-        wb, ab = _candidate_bits(layer.wq), _candidate_bits(layer.aq)
+        wb, ab = latency_bits(layer.wq), latency_bits(layer.aq)
         s = layer.shape
         w_bits[name], a_bits[name] = wb, ab
         ms[name] = [
@@ -130,7 +131,7 @@ def expected_latency(qmodel: QuantModel, table: LatencyTable) -> Tensor:
 
 def _probs_over(q, table_bits: list[int]) -> Tensor:  # noqa: ANN001 - HMQQuantizer
     """The quantizer's bit marginals ordered as the table's bit list."""
-    cand = _candidate_bits(q)
+    cand = latency_bits(q)
     if q.float_pinned:
         return q.bits.new_ones(1)
     missing = [b for b in cand if b not in table_bits]

@@ -31,17 +31,13 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
 
-from hmqsearch.cost.latency import FLOAT_BITS, LatencyTable
+from hmqsearch.cost.latency import FLOAT_BITS, LatencyTable, latency_bits
 from hmqsearch.export.deployed import DeployedLayer, QScheme, deployed_layers
 from hmqsearch.export.onnx_export import (
     IR_VERSION, OPSET, build_graph, container_type, fusable_layers, layer_subgraph, trace_deployment,
 )
 from hmqsearch.export.verify import providers, session
 from hmqsearch.quant.prepare import QuantModel
-
-
-def _candidates(q) -> list[int]:  # noqa: ANN001 - HMQQuantizer
-    return [FLOAT_BITS] if q.float_pinned else list(q.candidate_bits)
 
 
 def device_name() -> str:
@@ -140,7 +136,7 @@ def profile_layers(
     for index, ((name, qlayer), d) in enumerate(zip(qmodel.layers(), layers)):
         shape = qlayer.shape.input_shapes[0]
         feed = {"x": rng.standard_normal((batch, *shape)).astype(np.float32)}
-        wb, ab = _candidates(qlayer.wq), _candidates(qlayer.aq)
+        wb, ab = latency_bits(qlayer.wq), latency_bits(qlayer.aq)
         rows = []
         for bw in wb:
             row = []

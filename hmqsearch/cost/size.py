@@ -35,9 +35,12 @@ def _bias_bytes(layer: QuantConv2d | QuantLinear) -> int:
     return BIAS_BYTES * layer.bias.numel() if layer.bias is not None else 0
 
 
+INT4_MAX_BITS = 4  # widths up to this are stored as int4 in the graph, wider ones as int8
+
+
 def container_bits(bits: int) -> int:
     """Storage bits of a ``bits``-wide value in the deployment graph: int4 for 1-4, int8 for 5-8."""
-    return 4 if bits <= 4 else 8
+    return 4 if bits <= INT4_MAX_BITS else 8
 
 
 def layer_weight_bytes(layer: QuantConv2d | QuantLinear, bits: int | None, basis: str = "packed") -> int:
@@ -79,8 +82,8 @@ def expected_weight_bytes(qmodel: QuantModel, basis: str = "packed") -> Tensor:
         if basis == "packed":  # drop the ceil so the expectation is linear in E[bits]
             per_bit = layer.weight.numel() * bits / 8
         else:
-            per_bit = torch.where(bits <= 4, float(layer_weight_bytes(layer, 4, basis)),
-                                  float(layer_weight_bytes(layer, 8, basis)))
+            int4, int8 = (float(layer_weight_bytes(layer, b, basis)) for b in (INT4_MAX_BITS, 8))
+            per_bit = torch.where(bits <= INT4_MAX_BITS, int4, int8)
         terms.append((layer.wq.bit_probs() * per_bit).sum())
     return torch.stack(terms).sum()
 

@@ -8,6 +8,7 @@ passes do the same with :func:`on_device`, so between stages the model stays on 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Iterator
@@ -56,7 +57,7 @@ def stage_device(trainer_cfg: DictConfig) -> torch.device:
 def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     """``module`` on ``device`` inside the block, back on the device of its first parameter or
     buffer (the CPU for one without) afterwards, also when the block raises."""
-    first = next(iter([*module.parameters(), *module.buffers()]), None)
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
     home = first.device if first is not None else torch.device("cpu")
     module.to(device)
     try:

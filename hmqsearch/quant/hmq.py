@@ -187,8 +187,7 @@ class HMQQuantizer(nn.Module):
 
     def chosen_index(self) -> tuple[int, int]:
         """(bit index, threshold index) of the argmax candidate."""
-        k = int(torch.argmax(self.logits.reshape(-1)))
-        return divmod(k, self.n_thresholds)
+        return divmod(int(self._chosen_row()), self.n_thresholds)
 
     def scheme(self) -> Scheme:
         b, j = self.chosen_index()
