@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from adjustText import adjust_text  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from hmqsearch.report.runs import Run  # noqa: E402
@@ -47,7 +48,7 @@ def _verdict(run: Run, rivals: list[Run]) -> str:
     best = max(rivals, key=lambda r: r.summary["quant_top1"])
     margin = run.summary["quant_top1"] - best.summary["quant_top1"]
     verdict = "beats all" if margin > 0 else "does NOT beat all"
-    return f"{verdict} {len(rivals)} (best: {best.label}, {best.summary['quant_top1']:.2f} %, {margin:+.2f})"
+    return f"{verdict} {len(rivals)} (best: {best.name}, {best.summary['quant_top1']:.2f} %, {margin:+.2f})"
 
 
 def _ordered(runs: list[Run]) -> list[Run]:
@@ -68,7 +69,7 @@ def markdown_table(runs: list[Run]) -> str:
         budget = f" (budget {s['budget_weight_bytes']:,.0f})" if s.get("budget_weight_bytes") else ""
         feasible = {True: "yes", False: "NO", None: "no budget"}[s.get("feasible")]
         lines.append(
-            f"| {r.path.name} | {r.label} | {s['weight_bytes_packed']:,}{budget} | {s['compression_packed']:.2f}x "
+            f"| {r.path.name} | {r.name} | {s['weight_bytes_packed']:,}{budget} | {s['compression_packed']:.2f}x "
             f"| {s['quant_top1']:.2f} % | {s['quant_top1'] - s['float_top1']:+.2f} | {s['search_top1']:.2f} % "
             f"| {feasible} | {s['timings']['total_s'] / 60:.1f} min | {_verdict(r, next_size_up(r, runs))} "
             f"| {_verdict(r, baselines_at_least_as_large(r, runs))} |"
@@ -96,6 +97,7 @@ def _labelled(runs: list[Run]) -> set[int]:
 
 
 def _draw(ax: Any, done: list[Run], floor: float, top: float, labelled: set[int]) -> None:
+    texts = []
     for method, (marker, colour, name) in STYLE.items():
         pts = sorted((r for r in done if r.method == method), key=_kib)
         if not pts:
@@ -106,9 +108,9 @@ def _draw(ax: Any, done: list[Run], floor: float, top: float, labelled: set[int]
         for r, x, y in zip(pts, xs, ys):
             if id(r) not in labelled:
                 continue
-            text = r.label.replace("PTQ ", "best PTQ " if method == "ptq" else "").replace("uniform ", "")
+            text = r.name.replace("PTQ ", "best PTQ " if method == "ptq" else "").replace("uniform ", "")
             text += f" ({y:.1f} %)" if y < floor else ""
-            ax.annotate(text, (x, max(y, floor)), textcoords="offset points", xytext=(6, 4), fontsize=8, color=colour)
+            texts.append(ax.text(x, max(y, floor), text, fontsize=8, color=colour))
     ax.set_xscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.xaxis.set_major_formatter(plain)
@@ -118,6 +120,8 @@ def _draw(ax: Any, done: list[Run], floor: float, top: float, labelled: set[int]
     ax.set_xlabel("packed weight size (KiB, log scale)")
     ax.set_ylabel("test top-1 (%)")
     ax.grid(True, which="both", alpha=0.3)
+    # runs of one size crowd together (a search and the PTQ runs at 4x, uniform QAT at 3 and 6 epochs)
+    adjust_text(texts, ax=ax, arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
 
 
 def pareto_plot(runs: list[Run], path: Path, title: str = "Test top-1 vs packed weight size") -> Path:

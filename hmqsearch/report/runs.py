@@ -20,6 +20,7 @@ class Run:
     overrides: list[str] = field(default_factory=list)
     summary: dict[str, Any] | None = None
     problem: str | None = None
+    detail: str = ""  # the overrides that tell this run from others of the same label (see collect_runs)
 
     @property
     def complete(self) -> bool:
@@ -45,6 +46,11 @@ class Run:
         if calib == "percentile":
             calib = f"p{m.get('percentile')}"
         return f"PTQ {precision} {calib}"
+
+    @property
+    def name(self) -> str:
+        """The label, with the overrides that set it apart from runs of the same label."""
+        return f"{self.label} ({self.detail})" if self.detail else self.label
 
 
 def _is_run(path: Path) -> bool:
@@ -79,4 +85,20 @@ def collect_runs(folders: list[Path]) -> list[Run]:
         if not paths:
             raise UserError(f"{folder} holds no run (no summary.json or .hydra/ in it or its subfolders)")
         runs.extend(_read_run(p) for p in paths)
+    _set_details(runs)
     return runs
+
+
+def _set_details(runs: list[Run]) -> None:
+    """Give each run that shares its label with another the overrides only some of them have
+    (e.g. uniform W2A8 with 3 and with ``finetune.epochs=6``), so tables and plots tell them apart."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.complete:
+            groups.setdefault(run.label, []).append(run)
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        common = set.intersection(*(set(r.overrides) for r in group))
+        for run in group:
+            run.detail = ", ".join(o for o in run.overrides if o not in common)
