@@ -131,9 +131,9 @@ def expected_latency(qmodel: QuantModel, table: LatencyTable) -> Tensor:
 
 def _probs_over(q, table_bits: list[int]) -> Tensor:  # noqa: ANN001 - HMQQuantizer
     """The quantizer's bit marginals ordered as the table's bit list."""
-    cand = latency_bits(q)
     if q.float_pinned:
         return q.bits.new_ones(1)
+    cand = q.candidate_bits
     missing = [b for b in cand if b not in table_bits]
     if missing:
         raise UserError(f"latency table lacks bit-widths {missing}; it has {table_bits}")

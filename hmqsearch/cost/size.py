@@ -28,14 +28,12 @@ FLOAT_BYTES = 4
 SCALE_EXP_BYTES = 1  # power-of-two scale stored as its int8 exponent
 SCALE_FLOAT_BYTES = 4
 BIAS_BYTES = 4
+INT4_MAX_BITS = 4  # widths up to this are stored as int4 in the graph, wider ones as int8
 BASES = ("packed", "container")
 
 
 def _bias_bytes(layer: QuantConv2d | QuantLinear) -> int:
     return BIAS_BYTES * layer.bias.numel() if layer.bias is not None else 0
-
-
-INT4_MAX_BITS = 4  # widths up to this are stored as int4 in the graph, wider ones as int8
 
 
 def container_bits(bits: int) -> int:
