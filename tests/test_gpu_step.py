@@ -23,6 +23,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 TARGET = {"name": "edge_npu", "int8_macs_per_s": 1.0e12, "bytes_per_s": 8.0e9}
 
 
+SYNC_WARNING = "called a synchronizing CUDA operation"  # torch's own notice that the mode is a prototype does not count
+
+
 def host_reads(step: Callable[[], None]) -> list[str]:
     """Where one call of ``step`` synchronises with the GPU (torch's sync debug mode)."""
     step()
@@ -34,7 +37,12 @@ def host_reads(step: Callable[[], None]) -> list[str]:
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    return [f"{w.filename}:{w.lineno}" for w in caught if SYNC_WARNING in str(w.message)]
+
+
+def test_host_reads_counts_a_value_read_back() -> None:
+    value = torch.ones(4, device="cuda")
+    assert host_reads(lambda: value.sum().item()) != []
 
 
 def test_search_and_finetune_steps_do_not_synchronise() -> None:
