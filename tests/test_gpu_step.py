@@ -21,8 +21,6 @@ from hmqsearch.quant.prepare import QuantSpec, prepare
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 TARGET = {"name": "edge_npu", "int8_macs_per_s": 1.0e12, "bytes_per_s": 8.0e9}
-
-
 SYNC_WARNING = "called a synchronizing CUDA operation"  # torch's own notice that the mode is a prototype does not count
 
 
