@@ -104,13 +104,11 @@ def test_search_is_judged_against_the_next_size_up_and_every_larger_baseline():
 
 
 def test_runs_of_one_label_are_told_apart_by_the_overrides_only_some_have(tmp_path: Path):
-    summary = {"method": {"name": "uniform", "weight_bits": 2, "act_bits": 8}, "weight_bytes_packed": 60}
-    for name, extra in (("w2", []), ("w2_6ep", ["finetune.epochs=6"]), ("w4", None)):
+    for name, weight_bits, extra in (("w2", 2, []), ("w2_6ep", 2, ["finetune.epochs=6"]), ("w4", 4, [])):
         run_dir = tmp_path / name
         (run_dir / ".hydra").mkdir(parents=True)
-        s = summary if extra is not None else {**summary, "method": {**summary["method"], "weight_bits": 4}}
-        (run_dir / "summary.json").write_text(json.dumps(s))
-        overrides = ["method=uniform", "seed=0"] + (extra or [])
-        (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        method = {"name": "uniform", "weight_bits": weight_bits, "act_bits": 8}
+        (run_dir / "summary.json").write_text(json.dumps({"method": method, "weight_bytes_packed": 60}))
+        (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["method=uniform", "seed=0", *extra]))
     names = {r.path.name: r.name for r in collect_runs([tmp_path])}
     assert names == {"w2": "uniform W2A8", "w2_6ep": "uniform W2A8 (finetune.epochs=6)", "w4": "uniform W4A8"}
