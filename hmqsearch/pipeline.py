@@ -25,6 +25,7 @@ from hmqsearch.baselines import Method, assign_fixed, baseline_spec, parse_metho
 from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.constrained.proximity import ProximityConstraints, ProximitySpec
+from hmqsearch.constrained.ramp import RampSpec
 from hmqsearch.constrained.repair import fill, repair
 from hmqsearch.constrained.warm_start import check_start, warm_start
 from hmqsearch.cost import latency as lat
@@ -45,6 +46,7 @@ from hmqsearch.quant.batch_norm import reestimate_batch_norm
 from hmqsearch.quant.calibrate import calibrate_activations
 from hmqsearch.quant.prepare import Pin, QuantModel, QuantSpec, prepare
 from hmqsearch.report.allocation import write_allocation_report
+from hmqsearch.report.search_trace import write_search_trace
 from hmqsearch.report.sensitivity import write_sensitivity_report
 from hmqsearch.report.table import print_final_table
 from hmqsearch.resume import STAGES, Resume, load_checkpoint
@@ -102,6 +104,12 @@ def proximity_spec(cfg: DictConfig) -> ProximitySpec:
         raise UserError(f"search.repair_by={repair_by!r}; allowed: margin, duals")
     if repair_by == "duals" and not spec.enabled:
         raise UserError("search.repair_by=duals needs the proximity duals: set search.proximity.enabled=true")
+    return spec
+
+
+def ramp_spec(cfg: DictConfig) -> RampSpec:
+    spec = RampSpec(**OmegaConf.to_container(cfg.search.get("ramp") or {"steps": 0}, resolve=True))
+    spec.validate()
     return spec
 
 
@@ -207,7 +215,7 @@ def search(ctx: Context, qmodel: QuantModel, constraints: list[Constraint]) -> S
     module = SearchModule(
         qmodel, ctx.num_classes, _optimizer(ctx.cfg, "search"), cfg.lr, cfg.logit_lr, constraints,
         cfg.dual_lr, cfg.tau_start, cfg.tau_end, ProximityConstraints(qmodel, prox) if prox.enabled else None,
-        ctx.distiller("search"),
+        ctx.distiller("search"), logit_optimizer=instantiate(cfg.logit_optimizer), ramp=ramp_spec(ctx.cfg),
     )
     _fit(ctx, module, "search", None)
     qmodel.set_state("fixed")
@@ -223,6 +231,18 @@ def finetune(ctx: Context, qmodel: QuantModel) -> None:
         qmodel, ctx.num_classes, _optimizer(ctx.cfg, "finetune"), cfg.lr, ctx.distiller("finetune")
     )
     _fit(ctx, module, "finetune", "val/acc")
+
+
+def search_outcome(module: SearchModule, constraints: list[Constraint]) -> dict[str, Any]:
+    """Where the search itself ended, before repair and fill: how many quantizers its argmax
+    moved from the start, and the exact costs of that argmax against the budgets."""
+    moved = module.trace.moved(module.trace.argmax_bits())
+    log.info("the search moved %d of %d searched quantizers from the start", len(moved), len(module.trace.quantizers))
+    return {
+        "search_moved_quantizers": len(moved),
+        "search_moved": moved,
+        "search_end_costs": {c.name: {"exact": c.exact(), "budget": c.budget} for c in constraints},
+    }
 
 
 def _latency_table(qmodel: QuantModel, cfg: DictConfig) -> lat.LatencyTable | None:
@@ -253,6 +273,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     method = run_method(cfg)
     spec, budgets = quant_spec(cfg), budget_spec(cfg)
     proximity_spec(cfg)
+    ramp_spec(cfg)
     distill = distill_spec(cfg)
     check_start(cfg.search.get("start", "highest"))
     _check_counts(cfg)
@@ -304,7 +325,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if method.is_baseline:
             assign_fixed(qmodel, method)
             qmodel.set_state("fixed")
-            duals, steps, filled, disagreement, proximity_duals = {}, [], [], None, None
+            duals, steps, filled, disagreement, proximity_duals, search_end = {}, [], [], None, None, {}
             start_bits = start_sensitivity = None
             bn_batches = 0
         else:
@@ -325,9 +346,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             if proximity_duals is not None:
                 search_module.proximity.remove()
                 write_sensitivity_report(proximity_duals, run_dir, model_title)
+            search_end = search_outcome(search_module, constraints)
             by_duals = cfg.search.get("repair_by", "margin") == "duals"
             steps = repair(qmodel, constraints, proximity_duals if by_duals else None)
             filled = fill(qmodel, constraints) if cfg.search.fill_budget else []
+            if is_rank_zero():
+                trace = search_module.trace
+                write_search_trace(trace.start, trace.history, trace.argmax_bits(), run_dir, model_title)
             with on_device(qmodel, device):
                 bn_batches = reestimate_batch_norm(
                     qmodel, ctx.datamodule.train_dataloader(), cfg.search.get("bn_batches", 0)
@@ -367,8 +392,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "bn_reestimated_batches": bn_batches,
             "duals": duals,
             "proximity_duals": proximity_duals,
+            **search_end,
             "repair": [s.__dict__ for s in steps],
             "fill": [s.__dict__ for s in filled],
+            "repair_changed_quantizers": len({s.quantizer for s in steps}),
+            "fill_changed_quantizers": len({s.quantizer for s in filled}),
             "activation_ranges": ranges,
             "timings": {**timings, "total_s": time.time() - started},
             "pretrained": cfg.model.pretrained,

@@ -20,10 +20,11 @@ class Constraint:
     expected: Callable[[], Tensor]
     exact: Callable[[], float]
     minimum: float  # cost with the lowest precision everywhere
+    bound: float | None = None  # the bound the duals enforce now (a ramp step); None: the budget
 
     def violation(self) -> Tensor:
-        """Normalised violation v = E[c] / B - 1 (positive when over budget)."""
-        return self.expected() / self.budget - 1.0
+        """Normalised violation v = E[c] / bound - 1 (positive when over the current bound)."""
+        return self.expected() / (self.budget if self.bound is None else self.bound) - 1.0
 
     def satisfied(self) -> bool:
         return self.exact() <= self.budget
