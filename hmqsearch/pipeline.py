@@ -28,6 +28,7 @@ from hmqsearch.constrained.proximity import ProximityConstraints, ProximitySpec
 from hmqsearch.constrained.ramp import RampSpec
 from hmqsearch.constrained.repair import fill, repair
 from hmqsearch.constrained.warm_start import check_start, warm_start
+from hmqsearch.cost import compute
 from hmqsearch.cost import latency as lat
 from hmqsearch.cost import size
 from hmqsearch.errors import UserError
@@ -262,6 +263,9 @@ def _costs(qmodel: QuantModel, budgets: BudgetSpec, table: lat.LatencyTable | No
         "latency_model": table.source if table else None,
         "expected_latency": float(lat.expected_latency(qmodel, table)) if table else None,
         "exact_latency": lat.exact_total_latency(qmodel, table) if table else None,
+        "bops": compute.exact_bops(qmodel),
+        "compression_bops": compute.float_bops(qmodel) / compute.exact_bops(qmodel),
+        "activation_bytes_max": compute.exact_activation_bytes(qmodel),
         "per_layer_weight_bytes_packed": packed,
     }
     return costs
@@ -387,6 +391,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "expected_latency": costs["expected_latency"],
             "exact_latency": costs["exact_latency"],
             "budget_latency_ms": budget_entries.get("latency_ms", {}).get("budget"),
+            "bops": costs["bops"],
+            "compression_bops": costs["compression_bops"],
+            "activation_bytes_max": costs["activation_bytes_max"],
+            "budgets": budget_entries,
             "search_start_weight_bits": start_bits,
             "search_start_sensitivity": start_sensitivity,
             "bn_reestimated_batches": bn_batches,
