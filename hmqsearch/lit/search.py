@@ -135,6 +135,9 @@ class SearchModule(ClassifierModule):
             self.proximity.epoch_end()
         entry = self.trace.epoch_end(self.current_epoch)
         log.info("search epoch %d: %s", self.current_epoch, self.trace.describe(entry))
+        for name, (bits, p) in entry["assignment"].items():
+            self.log(f"argmax_bits/{name}", float(bits))
+            self.log(f"p_argmax/{name}", p)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.logit_optimizer is not None:
