@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from hmqsearch.baselines import Method, assign_fixed, baseline_spec, parse_method
 from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
-from hmqsearch.constrained.constraints import Constraint
+from hmqsearch.constrained.constraints import ENFORCE, Constraint, enforce_on
 from hmqsearch.constrained.proximity import ProximityConstraints, ProximitySpec
 from hmqsearch.constrained.ramp import RampSpec
 from hmqsearch.constrained.repair import fill, repair
@@ -212,6 +212,7 @@ def pretrain(ctx: Context, net: nn.Module) -> None:
 def search(ctx: Context, qmodel: QuantModel, constraints: list[Constraint]) -> SearchModule:
     cfg = ctx.cfg.search
     qmodel.set_state("search")
+    enforce_on(constraints, qmodel, cfg.get("enforce", "expected"))
     prox = proximity_spec(ctx.cfg)
     module = SearchModule(
         qmodel, ctx.num_classes, _optimizer(ctx.cfg, "search"), cfg.lr, cfg.logit_lr, constraints,
@@ -278,6 +279,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     spec, budgets = quant_spec(cfg), budget_spec(cfg)
     proximity_spec(cfg)
     ramp_spec(cfg)
+    if cfg.search.get("enforce", "expected") not in ENFORCE:
+        raise UserError(f"search.enforce={cfg.search.enforce!r}; allowed: {', '.join(ENFORCE)}")
     distill = distill_spec(cfg)
     check_start(cfg.search.get("start", "highest"))
     _check_counts(cfg)

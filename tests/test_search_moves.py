@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
+from hmqsearch.constrained.constraints import enforce_on
 from hmqsearch.constrained.ramp import RampSpec
 from hmqsearch.errors import UserError
 from hmqsearch.lit.search import SearchModule
@@ -92,6 +93,7 @@ def test_constrained_search_moves_from_an_infeasible_start_to_the_non_uniform_op
     qmodel, data = two_branch_problem()
     constraints = build_constraints(qmodel, BudgetSpec(weight_compression=32 / 4.5), None)
     [c] = constraints
+    enforce_on(constraints, qmodel, "argmax")
     assert not c.satisfied()  # the 8-bit start breaks the budget
     qmodel.set_state("search")
     module = SearchModule(
@@ -135,3 +137,19 @@ def test_logit_optimizer_state_and_trace_survive_a_checkpoint(tmp_path):
     saved = ckpt["logit_optimizer"]["state"][0]["exp_avg"]
     assert torch.equal(fresh.logit_optimizer.state_dict()["state"][0]["exp_avg"], saved)
     assert fresh.trace.history == module.trace.history
+
+
+def test_argmax_enforcement_sees_the_argmax_cost_with_the_expected_gradient():
+    qmodel, _ = two_branch_problem()
+    [c] = build_constraints(qmodel, BudgetSpec(weight_compression=6), None)
+    for _, q in qmodel.quantizers():
+        q.reset_logits()  # 95 % on 8 bits: the expected cost is below the argmax's (all 8-bit)
+    expected = c.violation()
+    enforce_on([c], qmodel, "argmax")
+    hard = c.violation()
+    assert hard.item() == pytest.approx(c.exact() / c.budget - 1.0, rel=1e-6) and hard.item() > expected.item()
+    g_expected = torch.autograd.grad(expected, [q.logits for _, q in qmodel.quantizers() if q.logits.requires_grad][:1])
+    g_hard = torch.autograd.grad(c.violation(), [q.logits for _, q in qmodel.quantizers() if q.logits.requires_grad][:1])
+    assert torch.allclose(g_expected[0], g_hard[0])
+    with pytest.raises(UserError, match="search.enforce='sometimes'"):
+        enforce_on([c], qmodel, "sometimes")

@@ -22,8 +22,9 @@ step, weighted by their probability masses.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,20 @@ class Scheme:
     def steps(self) -> Tensor:
         shift = step_shift(self.bits, self.signed)
         return torch.tensor([2.0 ** (e - shift) for e in self.threshold_exp])
+
+
+@contextmanager
+def argmax_costs(quantizers: Iterable["HMQQuantizer"]) -> Iterator[None]:
+    """Inside, every quantizer's :meth:`HMQQuantizer.bit_probs` is the one-hot of its argmax:
+    the expected-cost functions then compute the argmax's cost on the device (no host read)."""
+    quantizers = list(quantizers)
+    for q in quantizers:
+        q.argmax_costs = True
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            q.argmax_costs = False
 
 
 class HMQQuantizer(nn.Module):
@@ -84,6 +99,7 @@ class HMQQuantizer(nn.Module):
         self.register_buffer("tau", torch.tensor(1.0))
         self.n_thresholds = n_thresholds
         self.init_mass = init_mass
+        self.argmax_costs = False  # see bit_probs
         self.logits = nn.Parameter(self._initial_logits(init_mass))
 
     # ----------------------------------------------------------------- grid
@@ -191,7 +207,11 @@ class HMQQuantizer(nn.Module):
         return torch.softmax(self.logits.reshape(-1), dim=0)
 
     def bit_probs(self) -> Tensor:
-        """Marginal probability of each bit-width."""
+        """Marginal probability of each bit-width; inside :func:`argmax_costs`, the one-hot of
+        the argmax's bit-width (so every expected cost becomes the argmax's exact cost)."""
+        if self.argmax_costs:
+            row = torch.div(self._chosen_row(), self.n_thresholds, rounding_mode="floor")
+            return torch.zeros_like(self.bits).scatter_(0, row, 1.0)
         return torch.softmax(self.logits.reshape(-1), dim=0).reshape(self.logits.shape).sum(1)
 
     def expected_bits(self) -> Tensor:
