@@ -24,6 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from hmqsearch.config_check import check_numbers
 from hmqsearch.errors import RunHalted, UserError
 from hmqsearch.export.stage import run_export_stage
 from hmqsearch.export.verify import VerificationError
@@ -47,6 +48,7 @@ def _remove_partial_output(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def _run_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    check_numbers(cfg)
     if cfg.stage == "export":
         summary = run_export_stage(cfg, run_dir)
         print_export_table(summary["export"])
