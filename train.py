@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from hmqsearch.config_check import check_numbers
+from hmqsearch.config_keys import check_overrides
 from hmqsearch.errors import RunHalted, UserError
 from hmqsearch.export.stage import run_export_stage
 from hmqsearch.export.verify import VerificationError
@@ -36,6 +37,7 @@ from hmqsearch.sweep import record_failure
 log = logging.getLogger("hmqsearch")
 
 STAGES = ("all", "export")
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def _remove_partial_output(cfg: DictConfig, run_dir: Path) -> None:
@@ -58,7 +60,7 @@ def _run_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return run(cfg, run_dir)
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -87,9 +89,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def cli() -> None:
-    """``train.py``'s command line: ``resume=``/``ckpt_path=`` expand to the original command first."""
+    """``train.py``'s command line: ``resume=``/``ckpt_path=`` expand to the original command first;
+    unknown keys and group options are refused before Hydra starts."""
     try:
         sys.argv = resume_argv(sys.argv)
+        check_overrides(sys.argv[1:], CONFIG_DIR)
     except UserError as exc:
         print(f"hmqsearch: error: {exc}", file=sys.stderr)
         sys.exit(2)
