@@ -40,6 +40,7 @@ from hmqsearch.lit.ddp import is_rank_zero, rank_disagreement, world_size
 from hmqsearch.lit.device import on_device, stage_device
 from hmqsearch.lit.search import SearchModule
 from hmqsearch.lit.trainer import RunLoggers, make_trainer
+from hmqsearch.models.fit import describe_misfit
 from hmqsearch.models.pretrained import load_pretrained
 from hmqsearch.quant.batch_norm import reestimate_batch_norm
 from hmqsearch.quant.calibrate import calibrate_activations
@@ -142,7 +143,7 @@ def _check_data_fits_model(net: nn.Module, example: Tensor, num_classes: int, cf
     except RuntimeError as exc:
         raise UserError(
             f"data {cfg.data._target_} (input shape {tuple(example.shape[1:])}) does not fit model "
-            f"{cfg.model.net._target_}: {str(exc).splitlines()[0]}"
+            f"{cfg.model.net._target_}: {describe_misfit(net, example)}"
         ) from exc
     if out.dim() != 2 or out.shape[1] != num_classes:
         raise UserError(
