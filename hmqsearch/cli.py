@@ -47,6 +47,7 @@ def _export_cfg(args: argparse.Namespace, base: dict[str, Any] | None = None) ->
 def cmd_export(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
+    from hmqsearch.export.budget_check import check_budgets
     from hmqsearch.export.packed import load_packed, read_packed_meta
     from hmqsearch.export.stage import export_run, load_run
     from hmqsearch.export.verify import random_loader
@@ -57,6 +58,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.run_dir is not None:
         run_dir = Path(args.run_dir)
         run = load_run(run_dir)
+        check_budgets(run.qmodel, run.cfg, str(run_dir / "precision.yaml"), args.allow_over_budget)
         qmodel, loader, arch, spec = run.qmodel, run.loader, run.arch, run.spec
         base = OmegaConf.to_container(run.cfg.export, resolve=True) if run.cfg.get("export") else {}
         out = Path(args.out) if args.out else run_dir
@@ -158,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--form", choices=["onnxruntime", "portable"], help="graph form (export.form)")
     p.add_argument("--batch", type=int, help="batch size of the latency measurement (export.latency_batch)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads for timing (0 = all)")
+    p.add_argument("--allow-over-budget", action="store_true",
+                   help="export a run whose (edited) precision.yaml breaks the run's budgets")
     _common(p)
     p.set_defaults(func=cmd_export)
 

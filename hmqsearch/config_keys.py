@@ -101,8 +101,8 @@ def check_overrides(argv: Sequence[str], config_dir: Path, config_name: str = "t
     compose this configuration (``--help``, ``--info``, another ``--config-path``/``--config-dir``)
     are not checked.
     """
-    args, _ = get_args_parser().parse_known_args(list(argv))
-    if args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun \
+    args, rest = get_args_parser().parse_known_args(list(argv))
+    if rest or args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun \
             or args.config_path or args.config_dir:
         return
     overrides = _single_run_overrides(args.overrides)
