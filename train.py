@@ -30,6 +30,7 @@ from hmqsearch.errors import RunHalted, UserError
 from hmqsearch.export.stage import run_export_stage
 from hmqsearch.export.verify import VerificationError
 from hmqsearch.pipeline import run
+from hmqsearch.quiet import silence_third_party_notices
 from hmqsearch.report.table import print_export_table
 from hmqsearch.resume import resume_argv
 from hmqsearch.sweep import record_failure
@@ -62,6 +63,7 @@ def _run_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    silence_third_party_notices()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         try:

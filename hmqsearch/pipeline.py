@@ -397,6 +397,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 arch=OmegaConf.to_container(cfg.model.net, resolve=True), spec=spec, latency_table=table,
             ))
         loggers.log_summary(summary)
+        loggers.finish(0)  # before the table, which is the last thing a run prints
         print_final_table(qmodel, summary, costs["per_layer_weight_bytes_packed"])
         exit_code = 0
         return summary
