@@ -1,4 +1,4 @@
-"""``hmqsearch export | verify | profile``: the deployment tools on the command line.
+"""``hmqsearch export | verify | profile | build-kernels``: the deployment tools on the command line.
 
 Exit status: 0 success, 1 an exported graph failed verification, 2 a user mistake (missing,
 corrupt or truncated file, wrong format, bad option), reported as one message without a
@@ -27,6 +27,7 @@ examples:
   hmqsearch export --packed run/model.packed.safetensors --out deploy/
   hmqsearch verify run/model.onnx --packed run/model.packed.safetensors --samples 512
   hmqsearch profile --out table.json model=resnet20 data=cifar10 search.weight_bits=[4,8]
+  hmqsearch build-kernels
 """
 
 
@@ -137,6 +138,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_kernels(args: argparse.Namespace) -> int:
+    from hmqsearch.kernels.backend import build_kernels
+
+    lines, failed = build_kernels()
+    print("\n".join(lines))
+    return 1 if failed else 0
+
+
 # ------------------------------------------------------------------------------- parsing
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, help="minimum top-1 agreement of the graph in percent (export.tolerance_agreement, default 99.5)")
@@ -149,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Deployment tools of hmqsearch: ONNX export, verification, latency profiling.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{export,verify,profile}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{export,verify,profile,build-kernels}")
 
     p = sub.add_parser("export", help="write model.onnx + model.packed.* from a run or a packed checkpoint",
                        description="Export the ONNX deployment graph and the packed checkpoint, verify the graph "
@@ -186,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default 1, 0 = all)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=resnet20 data=cifar10")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("build-kernels", help="compile the fake-quant kernels ahead of the first run",
+                       description="Compile the CPU (and, with a GPU and the CUDA toolkit, the CUDA) fake-quant "
+                       "extension into the shared build folder that runs and other checkouts reuse.")
+    p.set_defaults(func=cmd_build_kernels)
     return parser
 
 
