@@ -276,3 +276,16 @@ def test_corrupt_precision_yaml_names_the_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(tmp_path / "precision.yaml") in err and "Traceback" not in err
     assert _snapshot(tmp_path) == before
+
+
+def test_docs_and_readme_count_every_case(tmp_path):
+    """docs/reliability.md numbers one row per case of this file (the suite's, the GPU case where it
+    is skipped, and the two export cases above), and the README quotes the same count."""
+    import re
+
+    count = len(CONFIG_CASES) + len(_file_cases(tmp_path)) + int(torch.cuda.is_available()) + 2
+    docs = (ROOT / "docs" / "reliability.md").read_text()
+    rows = [int(n) for n in re.findall(r"^\| (\d+) \| `", docs.split("### The bad-input suite")[1], re.M)]
+    assert rows == list(range(1, count + 1))
+    assert f"these {count} cases" in docs
+    assert f"the {count} cases of `tests/test_cli_errors.py`" in (ROOT / "README.md").read_text()
