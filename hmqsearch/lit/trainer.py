@@ -43,7 +43,7 @@ class RunLoggers:
                 config=self.run_config if self._wandb_run is None else None,
                 settings=wandb.Settings(silent=True),  # no banner, no history and summary on the console
             )
-            # Lightning passes anonymous=None, which wandb >= 0.19 warns about on the console
+            # Lightning passes anonymous=None, which recent wandb versions warn about on the console
             # ("The anonymous setting has no effect"); leaving it out is wandb's own default.
             getattr(logger, "_wandb_init", {}).pop("anonymous", None)
             self._wandb_run = logger.experiment
