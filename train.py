@@ -24,10 +24,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from hmqsearch.config_check import check_numbers
+from hmqsearch.config_keys import check_overrides
 from hmqsearch.errors import RunHalted, UserError
 from hmqsearch.export.stage import run_export_stage
 from hmqsearch.export.verify import VerificationError
 from hmqsearch.pipeline import run
+from hmqsearch.quiet import silence_third_party_notices
 from hmqsearch.report.table import print_export_table
 from hmqsearch.resume import resume_argv
 from hmqsearch.sweep import record_failure
@@ -35,6 +38,7 @@ from hmqsearch.sweep import record_failure
 log = logging.getLogger("hmqsearch")
 
 STAGES = ("all", "export")
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def _remove_partial_output(cfg: DictConfig, run_dir: Path) -> None:
@@ -47,6 +51,7 @@ def _remove_partial_output(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def _run_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    check_numbers(cfg)
     if cfg.stage == "export":
         summary = run_export_stage(cfg, run_dir)
         print_export_table(summary["export"])
@@ -56,8 +61,9 @@ def _run_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return run(cfg, run_dir)
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    silence_third_party_notices()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         try:
@@ -85,9 +91,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def cli() -> None:
-    """``train.py``'s command line: ``resume=``/``ckpt_path=`` expand to the original command first."""
+    """``train.py``'s command line: ``resume=``/``ckpt_path=`` expand to the original command first;
+    unknown keys and group options are refused before Hydra starts."""
     try:
         sys.argv = resume_argv(sys.argv)
+        check_overrides(sys.argv[1:], CONFIG_DIR)
     except UserError as exc:
         print(f"hmqsearch: error: {exc}", file=sys.stderr)
         sys.exit(2)

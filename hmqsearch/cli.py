@@ -1,4 +1,4 @@
-"""``hmqsearch export | verify | profile``: the deployment tools on the command line.
+"""``hmqsearch export | verify | profile | build-kernels``: the deployment tools on the command line.
 
 Exit status: 0 success, 1 an exported graph failed verification, 2 a user mistake (missing,
 corrupt or truncated file, wrong format, bad option), reported as one message without a
@@ -27,6 +27,7 @@ examples:
   hmqsearch export --packed run/model.packed.safetensors --out deploy/
   hmqsearch verify run/model.onnx --packed run/model.packed.safetensors --samples 512
   hmqsearch profile --out table.json model=resnet20 data=cifar10 search.weight_bits=[4,8]
+  hmqsearch build-kernels
 """
 
 
@@ -47,6 +48,7 @@ def _export_cfg(args: argparse.Namespace, base: dict[str, Any] | None = None) ->
 def cmd_export(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
+    from hmqsearch.export.budget_check import check_budgets
     from hmqsearch.export.packed import load_packed, read_packed_meta
     from hmqsearch.export.stage import export_run, load_run
     from hmqsearch.export.verify import random_loader
@@ -57,6 +59,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.run_dir is not None:
         run_dir = Path(args.run_dir)
         run = load_run(run_dir)
+        check_budgets(run.qmodel, run.cfg, str(run_dir / "precision.yaml"), args.allow_over_budget)
         qmodel, loader, arch, spec = run.qmodel, run.loader, run.arch, run.spec
         base = OmegaConf.to_container(run.cfg.export, resolve=True) if run.cfg.get("export") else {}
         out = Path(args.out) if args.out else run_dir
@@ -135,6 +138,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_kernels(args: argparse.Namespace) -> int:
+    from hmqsearch.kernels.backend import build_kernels
+
+    lines, failed = build_kernels()
+    print("\n".join(lines))
+    return 1 if failed else 0
+
+
 # ------------------------------------------------------------------------------- parsing
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, help="minimum top-1 agreement of the graph in percent (export.tolerance_agreement, default 99.5)")
@@ -147,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Deployment tools of hmqsearch: ONNX export, verification, latency profiling.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{export,verify,profile}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{export,verify,profile,build-kernels}")
 
     p = sub.add_parser("export", help="write model.onnx + model.packed.* from a run or a packed checkpoint",
                        description="Export the ONNX deployment graph and the packed checkpoint, verify the graph "
@@ -158,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--form", choices=["onnxruntime", "portable"], help="graph form (export.form)")
     p.add_argument("--batch", type=int, help="batch size of the latency measurement (export.latency_batch)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads for timing (0 = all)")
+    p.add_argument("--allow-over-budget", action="store_true",
+                   help="export a run whose (edited) precision.yaml breaks the run's budgets")
     _common(p)
     p.set_defaults(func=cmd_export)
 
@@ -182,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default 1, 0 = all)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=resnet20 data=cifar10")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("build-kernels", help="compile the fake-quant kernels ahead of the first run",
+                       description="Compile the CPU (and, with a GPU and the CUDA toolkit, the CUDA) fake-quant "
+                       "extension into the shared build folder that runs and other checkouts reuse.")
+    p.set_defaults(func=cmd_build_kernels)
     return parser
 
 

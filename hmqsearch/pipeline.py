@@ -42,6 +42,7 @@ from hmqsearch.lit.ddp import is_rank_zero, rank_disagreement, world_size
 from hmqsearch.lit.device import on_device, stage_device
 from hmqsearch.lit.search import SearchModule
 from hmqsearch.lit.trainer import RunLoggers, make_trainer
+from hmqsearch.models.fit import describe_misfit
 from hmqsearch.models.pretrained import load_pretrained
 from hmqsearch.quant.batch_norm import reestimate_batch_norm
 from hmqsearch.quant.calibrate import calibrate_activations
@@ -151,7 +152,7 @@ def _check_data_fits_model(net: nn.Module, example: Tensor, num_classes: int, cf
     except RuntimeError as exc:
         raise UserError(
             f"data {cfg.data._target_} (input shape {tuple(example.shape[1:])}) does not fit model "
-            f"{cfg.model.net._target_}: {str(exc).splitlines()[0]}"
+            f"{cfg.model.net._target_}: {describe_misfit(net, example)}"
         ) from exc
     if out.dim() != 2 or out.shape[1] != num_classes:
         raise UserError(
@@ -435,6 +436,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 arch=OmegaConf.to_container(cfg.model.net, resolve=True), spec=spec, latency_table=table,
             ))
         loggers.log_summary(summary)
+        loggers.finish(0)  # before the table, which is the last thing a run prints
         print_final_table(qmodel, summary, costs["per_layer_weight_bytes_packed"])
         exit_code = 0
         return summary

@@ -12,23 +12,38 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from hydra.core.global_hydra import GlobalHydra
 
 from hmqsearch import cli
+from hmqsearch.models.small_cnn import SmallCNN
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every case must fail before training; should one not, these keep the mistake quick to see.
 SAFETY = ["pretrain.epochs=0", "search.epochs=0", "finetune.epochs=0", "logger=none", "callbacks.progress_bar=false"]
-HYDRA_ERROR = 1  # Hydra's own config-composition errors (unknown group option) exit 1
 USER_ERROR = 2
 
 # (id, overrides, expected exit status, expected message fragment)
 CONFIG_CASES = [
-    ("unknown-model", ["model=resnet1000"], HYDRA_ERROR, "Could not find 'model/resnet1000'"),
-    ("unknown-data", ["data=mnist_from_the_moon"], HYDRA_ERROR, "Could not find 'data/mnist_from_the_moon'"),
+    ("unknown-model", ["model=resnet1000"], USER_ERROR, "model=resnet1000 is not an option; allowed: mobilenetv2_cifar, resnet20, resnet32"),
+    ("unknown-data", ["data=mnist_from_the_moon"], USER_ERROR, "data=mnist_from_the_moon is not an option; allowed: cifar10, digits, image_folder"),
+    ("misspelled-key", ["budget.weight_compresion=8"], USER_ERROR, "unknown setting budget.weight_compresion; did you mean budget.weight_compression?"),
+    ("key-outside-its-group", ["weight_compression=8"], USER_ERROR, "unknown setting weight_compression; did you mean budget.weight_compression?"),
+    ("unknown-key", ["search.x=1"], USER_ERROR, "unknown setting search.x; allowed under search: act_bits, bn_batches"),
+    ("misspelled-key-in-sweep", ["hydra.mode=MULTIRUN", "budget.weight_compresion=4,8"], USER_ERROR, "unknown setting budget.weight_compresion; did you mean budget.weight_compression?"),
+    ("nan-compression", ["budget.weight_compression=nan"], USER_ERROR, "budget.weight_compression=nan; allowed: a positive number, or null"),
+    ("inf-learning-rate", ["search.lr=inf"], USER_ERROR, "search.lr=inf; allowed: a positive number"),
+    ("nan-model-setting", ["model.net.width=nan"], USER_ERROR, "model.net.width=nan; allowed: a finite number"),
+    ("negative-dual-lr", ["search.dual_lr=-0.1"], USER_ERROR, "search.dual_lr=-0.1; allowed: a number >= 0"),
+    ("zero-temperature", ["search.tau_end=0"], USER_ERROR, "search.tau_end=0; allowed: a positive number"),
+    ("percentile-over-100", ["search.calibration.percentile=150"], USER_ERROR, "search.calibration.percentile=150; allowed: a number in (0, 100]"),
+    ("negative-seed", ["seed=-1"], USER_ERROR, "seed=-1; allowed: an integer in [0, 4294967295]"),
+    ("duplicate-weight-bits", ["search.weight_bits=[3,3]"], USER_ERROR, "search.weight_bits=[3, 3] repeats [3]; allowed: each bit-width once, e.g. search.weight_bits=[3]"),
+    ("duplicate-act-bits", ["search.act_bits=[8,4,8]"], USER_ERROR, "search.act_bits=[8, 4, 8] repeats [8]; allowed: each bit-width once"),
+    ("model-does-not-fit-data", ["model=resnet20"], USER_ERROR, "does not fit model hmqsearch.models.resnet_cifar.resnet20: its layer conv1 (Conv2d) expects 3 input channels but gets an input of shape (8, 1, 8, 8)"),
     ("negative-compression", ["budget.weight_compression=-4"], USER_ERROR, "budget.weight_compression=-4; allowed: a positive number"),
     ("zero-weight-kb", ["budget.weight_kb=0"], USER_ERROR, "budget.weight_kb=0; allowed: a positive number"),
     ("budget-basis", ["budget.basis=bits"], USER_ERROR, "budget.basis='bits'; allowed:"),
@@ -51,7 +66,7 @@ CONFIG_CASES = [
     ("batch-size-zero", ["data.batch_size=0"], USER_ERROR, "data.batch_size=0; allowed: an integer from 1 to"),
     ("val-size-too-small", ["data.val_size=5"], USER_ERROR, "data.val_size=5; allowed: an integer from 10 to"),
     ("wrong-num-classes", ["model.net.num_classes=7"], USER_ERROR, "outputs shape (7,) but the data has 10 classes; set model.net.num_classes=10"),
-    ("wrong-input-shape", ["model.net.in_channels=3"], USER_ERROR, "(input shape (1, 8, 8)) does not fit model hmqsearch.models.small_cnn.SmallCNN"),
+    ("wrong-input-shape", ["model.net.in_channels=3"], USER_ERROR, "(input shape (1, 8, 8)) does not fit model hmqsearch.models.small_cnn.SmallCNN: its layer conv1 (Conv2d) expects 3 input channels"),
     ("unknown-stage", ["stage=deploy"], USER_ERROR, "stage='deploy'; allowed: all, export"),
     ("export-form", ["export.form=tensorrt"], USER_ERROR, "export.form='tensorrt'; allowed: onnxruntime, portable"),
     ("distill-alpha", ["distill.enabled=true", "distill.alpha=1.5"], USER_ERROR, "distill.alpha=1.5; allowed: a number in [0, 1]"),
@@ -68,6 +83,17 @@ def _file_cases(tmp: Path) -> list[tuple[str, list[str], int, str]]:
     """Cases whose input is a file: weights, latency tables, run directories and checkpoints."""
     garbage = tmp / "garbage.th"
     garbage.write_bytes(b"\x00not a torch file")
+    text = tmp / "text.th"
+    text.write_text("hello")
+    pickled = tmp / "numpy.th"
+    torch.save({"conv1.weight": np.zeros(3)}, pickled)
+    truncated_weights = tmp / "truncated.th"
+    torch.save(SmallCNN().state_dict(), truncated_weights)
+    truncated_weights.write_bytes(truncated_weights.read_bytes()[:500])
+    other_arch = tmp / "other_arch.th"
+    torch.save({"encoder.weight": torch.zeros(3)}, other_arch)
+    narrower = tmp / "narrower.th"
+    torch.save(SmallCNN(width=8).state_dict(), narrower)
     table = tmp / "table.json"
     table.write_text("{ not json")
     empty = tmp / "empty_dir"
@@ -84,7 +110,12 @@ def _file_cases(tmp: Path) -> list[tuple[str, list[str], int, str]]:
     stray_ckpt = tmp / "stray.ckpt"
     stray_ckpt.write_bytes(b"x")
     return [
-        ("corrupt-pretrained", [f"model.pretrained={garbage}"], USER_ERROR, f"cannot read pretrained weights {garbage}"),
+        ("corrupt-pretrained", [f"model.pretrained={garbage}"], USER_ERROR, f"cannot read pretrained weights {garbage}: this is not a file written by torch.save"),
+        ("text-pretrained", [f"model.pretrained={text}"], USER_ERROR, f"cannot read pretrained weights {text}: this is not a file written by torch.save (it starts with b'hello'); allowed: a state_dict"),
+        ("pickle-pretrained", [f"model.pretrained={pickled}"], USER_ERROR, f"cannot read pretrained weights {pickled}: it holds a Python object (numpy."),
+        ("truncated-pretrained", [f"model.pretrained={truncated_weights}"], USER_ERROR, f"cannot read pretrained weights {truncated_weights}: the torch.save file is damaged or truncated"),
+        ("other-architecture-pretrained", [f"model.pretrained={other_arch}"], USER_ERROR, f"pretrained weights {other_arch} do not fit SmallCNN: missing: conv1.weight, bn1.weight"),
+        ("narrower-pretrained", [f"model.pretrained={narrower}"], USER_ERROR, "shape mismatch: conv1.weight (file (8, 1, 3, 3), model (16, 1, 3, 3))"),
         ("corrupt-latency-table", ["cost=measured", f"cost.latency_table={table}"], USER_ERROR, f"latency table {table} is not a valid table"),
         ("resume-missing-dir", [f"resume={tmp / 'nope'}"], USER_ERROR, f"resume={tmp / 'nope'}: no such run directory"),
         ("resume-not-a-run", [f"resume={empty}"], USER_ERROR, "not a hmqsearch run directory"),
@@ -161,11 +192,13 @@ def test_bad_input_suite(tmp_path, train_entry, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["model=resnet1000"], "Could not find 'model/resnet1000'"),
+    (["model=resnet1000"], "model=resnet1000 is not an option; allowed: mobilenetv2_cifar, resnet20"),
+    (["budget.weight_compresion=8"], "unknown setting budget.weight_compresion; did you mean budget.weight_compression?"),
+    (["budget.weight_compression=nan"], "budget.weight_compression=nan; allowed: a positive number, or null"),
     (["budget.weight_compression=100"], "weight_bytes budget 288.64 bytes (packed) cannot be met"),
     (["data.val_size=5"], "data.val_size=5; allowed: an integer from 10 to"),
     (["resume=/nonexistent/run"], "resume=/nonexistent/run: no such run directory"),
-], ids=["hydra-config", "infeasible-budget", "data-size", "resume-missing"])
+], ids=["unknown-option", "misspelled-key", "nan-budget", "infeasible-budget", "data-size", "resume-missing"])
 def test_bad_input_through_a_real_subprocess(tmp_path, overrides, message):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
@@ -173,10 +206,65 @@ def test_bad_input_through_a_real_subprocess(tmp_path, overrides, message):
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     output = proc.stdout + proc.stderr
-    assert proc.returncode == (HYDRA_ERROR if "Could not find" in message else USER_ERROR), output[-2000:]
-    assert message in output, output[-2000:]
-    assert "Traceback" not in output
+    assert proc.returncode == USER_ERROR, output[-2000:]
+    assert f"hmqsearch: error: {message}" in output, output[-2000:]
+    assert "Traceback" not in output and "+budget" not in output  # no advice to add a misspelled key
     assert not run_dir.exists(), f"partial run directory left behind: {list(run_dir.rglob('*'))}"
+
+
+@pytest.fixture
+def run_over_budget(tmp_path) -> Path:
+    """A finished run's directory whose precision.yaml was edited past the run's 8x budget: every
+    weight at 4 bits (exactly the budget, 3,608 bytes packed) but one layer raised to 5 bits."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from hmqsearch.export.precision import write_precision
+    from hmqsearch.pipeline import quant_spec
+    from hmqsearch.quant.calibrate import calibrate_activations
+    from hmqsearch.quant.prepare import prepare
+
+    run_dir = tmp_path / "finished"
+    run_dir.mkdir()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["logger=none"])
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    calib = datamodule.calibration_batches(1)
+    qmodel = prepare(instantiate(cfg.model.net), quant_spec(cfg), calib[0][:8])
+    calibrate_activations(qmodel, calib)
+    qmodel.set_state("fixed")
+    write_precision(run_dir / "precision.yaml", qmodel, config=OmegaConf.to_container(cfg, resolve=True))
+    torch.save(qmodel.state_dict(), run_dir / "quantized_state.pt")
+    precision = yaml.safe_load((run_dir / "precision.yaml").read_text())
+    for name, layer in precision["layers"].items():
+        layer["weight"]["bits"] = 5 if name == "block_conv1" else 4
+    (run_dir / "precision.yaml").write_text(yaml.safe_dump(precision, sort_keys=False))
+    return run_dir
+
+
+def test_export_over_budget_refuses_unless_allowed(tmp_path, run_over_budget, train_entry, capsys, monkeypatch):
+    """`stage=export` of a precision.yaml that breaks the run's budget: exit 2, the budget and the
+    bytes named, nothing exported; `export.allow_over_budget=true` exports it."""
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(run_over_budget)
+    log_dir = tmp_path / "export_log"
+    argv = ["stage=export", f"export.run_dir={run_over_budget}", "logger=none", f"hydra.run.dir={log_dir}"]
+    code, output = _run_in_process(train_entry, argv, capsys, monkeypatch)
+    assert code == USER_ERROR, output[-2000:]
+    # block_conv1 holds 16 x 16 x 3 x 3 = 2,304 weights: one more bit each is 288 bytes over 3,608
+    assert (f"{run_over_budget / 'precision.yaml'} breaks the run's budget: weight_bytes 3,896 bytes (packed) "
+            "against its budget 3,608; allowed: an assignment within the budgets, or export.allow_over_budget=true") in output
+    assert "Traceback" not in output and not log_dir.exists()
+    assert _snapshot(run_over_budget) == before  # no model.onnx, no packed checkpoint, nothing changed
+
+    allowed = [*argv, "export.allow_over_budget=true", "export.compare_float=false", "export.latency_repeats=1"]
+    monkeypatch.setattr(sys, "argv", ["train.py", *allowed])
+    GlobalHydra.instance().clear()
+    train_entry.cli()
+    assert (run_over_budget / "model.onnx").is_file() and (run_over_budget / "model.packed.safetensors").is_file()
 
 
 def test_corrupt_precision_yaml_names_the_file(tmp_path, capsys):
@@ -188,3 +276,16 @@ def test_corrupt_precision_yaml_names_the_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(tmp_path / "precision.yaml") in err and "Traceback" not in err
     assert _snapshot(tmp_path) == before
+
+
+def test_docs_and_readme_count_every_case(tmp_path):
+    """docs/reliability.md numbers one row per case of this file (the suite's, the GPU case where it
+    is skipped, and the two export cases above), and the README quotes the same count."""
+    import re
+
+    count = len(CONFIG_CASES) + len(_file_cases(tmp_path)) + int(torch.cuda.is_available()) + 2
+    docs = (ROOT / "docs" / "reliability.md").read_text()
+    rows = [int(n) for n in re.findall(r"^\| (\d+) \| `", docs.split("### The bad-input suite")[1], re.M)]
+    assert rows == list(range(1, count + 1))
+    assert f"these {count} cases" in docs
+    assert f"the {count} cases of `tests/test_cli_errors.py`" in (ROOT / "README.md").read_text()

@@ -54,3 +54,20 @@ def test_nonfinite_stops_naming_step_and_layer_and_keeps_last_good_checkpoint(tm
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
+
+
+def test_stopped_message_names_only_checkpoints_that_exist(tmp_path):
+    """A stage stopped at its first step has written nothing: the message must not point into
+    its empty (or absent) folder, but at the earlier stages' files, or say there are none."""
+    from hmqsearch.lit.guards import kept_checkpoints
+
+    stage = tmp_path / "checkpoints" / "search"
+    assert kept_checkpoints(stage) == "no checkpoint was written yet"
+    pretrain = tmp_path / "checkpoints" / "pretrain"
+    pretrain.mkdir(parents=True)
+    (pretrain / "best.ckpt").write_bytes(b"x")
+    message = kept_checkpoints(stage)
+    assert str(pretrain / "best.ckpt") in message and str(stage) not in message, message
+    stage.mkdir()
+    (stage / "last.ckpt").write_bytes(b"x")
+    assert kept_checkpoints(stage) == f"the last good checkpoint is kept: {stage / 'last.ckpt'}"

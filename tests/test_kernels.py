@@ -380,15 +380,16 @@ def test_backend_logged_once(
 
 @pytest.mark.parametrize("device_type", ["cuda", "cpu"])
 def test_build_failure_falls_back(
-    device_type: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    device_type: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path
 ) -> None:
     from torch.utils import cpp_extension
 
     def failing_build(**kwargs: object) -> None:
         raise RuntimeError("Ninja is required to load C++ extensions\n(details)")
 
-    fresh = backend._Build(backend._BUILDS[device_type].label, "never_built", ("none.cpp",))
+    fresh = backend._Build(backend._BUILDS[device_type].label, "never_built", backend._BUILDS[device_type].sources)
     monkeypatch.setitem(backend._BUILDS, device_type, fresh)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
     monkeypatch.setattr(cpp_extension, "load", failing_build)

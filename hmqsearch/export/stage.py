@@ -32,6 +32,7 @@ import torch
 from hmqsearch.cost.latency import LatencyTable, build_latency_table, exact_total_latency
 from hmqsearch.cost.profiler import device_name, measure_graph_latency
 from hmqsearch.errors import UserError
+from hmqsearch.export.budget_check import check_budgets
 from hmqsearch.export.onnx_export import FORMS, export_onnx
 from hmqsearch.export.packed import packed_paths, save_packed
 from hmqsearch.export.precision import apply_precision, read_precision
@@ -58,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 # keys of the ``export`` config node that say what to export, not how (see conf/export/default.yaml)
-STAGE_KEYS = ("enabled", "run_dir", "checkpoint", "precision")
+STAGE_KEYS = ("enabled", "run_dir", "checkpoint", "precision", "allow_over_budget")
 
 
 def export_config(cfg_export: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -276,14 +277,17 @@ def run_export_stage(cfg: Any, out_dir: Path) -> dict[str, Any]:
     if e.get("run_dir"):
         target = Path(e.run_dir)
         run = load_run(target)
+        source = target / "precision.yaml"
     elif e.get("checkpoint") and e.get("precision"):
         target = Path(out_dir)
         run = load_artifacts(Path(e.precision), Path(e.checkpoint))
+        source = Path(e.precision)
     else:
         raise UserError(
             "stage=export needs export.run_dir=<a finished run directory>, "
             "or export.checkpoint=<quantized_state.pt or .ckpt> and export.precision=<precision.yaml>"
         )
+    check_budgets(run.qmodel, run.cfg, str(source), bool(e.get("allow_over_budget", False)))
     summary: dict[str, Any] = {}
     if (target / "summary.json").is_file():
         try:

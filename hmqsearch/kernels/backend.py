@@ -1,11 +1,16 @@
 """Which implementation runs fake_quant: a compiled extension or plain PyTorch, and why.
 
-Two extensions, each built on first need with ``torch.utils.cpp_extension.load`` into torch's
-default extensions directory, where later processes reuse it:
+Two extensions, each built on first need with ``torch.utils.cpp_extension.load``:
 
 * CUDA tensors: ``binding.cpp`` + ``fake_quant.cu`` (needs a GPU and the CUDA toolkit);
 * float32 CPU tensors: ``fake_quant_cpu.cpp`` (needs a C++ compiler): one fused pass instead
   of the PyTorch implementation's 6 (forward) and 17 (backward) elementwise passes.
+
+Each is built in a folder named by the hash of its sources, flags, torch and Python
+(``<torch extensions dir>/<name>-<hash>``, ``TORCH_EXTENSIONS_DIR`` or torch's default), from a copy
+of the sources kept there: checkouts with the same sources share one build whatever their
+path, and different sources never overwrite each other's.  A build is announced on stderr
+(it takes about a minute); ``hmqsearch build-kernels`` does it ahead of time.
 
 ``HMQ_DISABLE_KERNELS=1``, a missing GPU or toolkit, another dtype on CPU, or a failed build
 (logged as a warning) select the PyTorch implementation instead; nothing raises.  The choice
@@ -14,9 +19,13 @@ per (device type, dtype) is logged once on the ``hmqsearch.kernels`` logger.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
+import shutil
+import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +64,50 @@ _BUILDS = {
 }
 _lock = threading.Lock()
 _announced: set[tuple[str, str, str]] = set()
+_HEADERS = ("fake_quant.h", "fake_quant_module.h")  # included by the sources, copied beside them
+
+
+def _flags(device_type: str) -> dict[str, list[str]]:
+    if device_type == "cuda":
+        return {"extra_cuda_cflags": ["-O3"], "extra_cflags": ["-O3"]}
+    return {"extra_cflags": _CPU_FLAGS, "extra_ldflags": ["-fopenmp"]}
+
+
+def build_directory(device_type: str) -> Path:
+    """Where the extension for ``device_type`` is built: a folder named by the hash of everything
+    the build depends on (sources and headers, flags, torch, CUDA, Python)."""
+    from torch.utils import cpp_extension
+
+    build = _BUILDS[device_type]
+    digest = hashlib.sha256()
+    for name in (*build.sources, *_HEADERS):
+        digest.update(name.encode() + b"\0" + (_HERE / name).read_bytes() + b"\0")
+    digest.update(repr((_flags(device_type), torch.__version__, torch.version.cuda, sys.version)).encode())
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return Path(root) / f"{build.name}-{digest.hexdigest()[:16]}"
+
+
+def _copy_sources(device_type: str, folder: Path) -> list[str]:
+    """The sources and headers copied into ``folder/src`` (once: the folder is named by their
+    hash), so that every checkout compiles the same paths and ninja finds nothing to redo."""
+    src = folder / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for name in (*_BUILDS[device_type].sources, *_HEADERS):
+        if not (src / name).is_file():
+            fd, tmp = tempfile.mkstemp(dir=src, prefix=f".{name}.")
+            os.close(fd)
+            shutil.copyfile(_HERE / name, tmp)
+            os.replace(tmp, src / name)  # concurrent builds each write the same bytes
+    return [str(src / name) for name in _BUILDS[device_type].sources]
+
+
+def _announce(device_type: str, folder: Path) -> None:
+    """Say on stderr that a build starts (a minute of silence otherwise), unless it is done."""
+    if any(folder.glob(f"{_BUILDS[device_type].name}*.so")):
+        return
+    what = "CUDA fake-quant kernels" if device_type == "cuda" else "CPU fake-quant kernel"
+    print(f"hmqsearch: compiling the {what} once, about a minute, into {folder} "
+          "(reused by later runs and by checkouts with the same sources)", file=sys.stderr, flush=True)
 
 
 def kernels_disabled() -> bool:
@@ -87,11 +140,12 @@ def _load(device_type: str) -> None:
             return
         from torch.utils import cpp_extension
 
-        flags = {"extra_cuda_cflags": ["-O3"], "extra_cflags": ["-O3"]} if device_type == "cuda" else {
-            "extra_cflags": _CPU_FLAGS, "extra_ldflags": ["-fopenmp"]}
         try:
+            folder = build_directory(device_type)
+            sources = _copy_sources(device_type, folder)
+            _announce(device_type, folder)
             build.extension = cpp_extension.load(
-                name=build.name, sources=[str(_HERE / s) for s in build.sources], verbose=False, **flags
+                name=build.name, sources=sources, build_directory=str(folder), verbose=False, **_flags(device_type)
             )
         except Exception as exc:  # any build or import error means: use PyTorch
             first_line = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -144,6 +198,20 @@ def active_backend(device: torch.device | str | None = None, dtype: torch.dtype 
     device_type = torch.device(device).type
     ext, _ = _resolve(device_type, dtype)
     return _label(device_type, ext)
+
+
+def build_kernels() -> tuple[list[str], bool]:
+    """Build (or find built) every extension this machine can build (``hmqsearch build-kernels``):
+    one line per device type saying where or why not, and whether a build failed."""
+    lines, failed = [], False
+    for device_type in ("cpu", "cuda"):
+        ext, reason = _resolve(device_type)
+        if ext is not None:
+            lines.append(f"{device_type}: {_label(device_type, ext)} built in {build_directory(device_type)}")
+        else:
+            lines.append(f"{device_type}: not built ({reason})")
+            failed = failed or _BUILDS[device_type].failure.startswith("building")
+    return lines, failed
 
 
 def backend_report() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -34,6 +35,19 @@ def first_nonfinite_layer(model: nn.Module, inputs: Tensor) -> str | None:
     return found[0] if found else None
 
 
+def kept_checkpoints(stage_dir: Path) -> str:
+    """What a stopped stage leaves to continue from, naming only files that exist: the stage's
+    own checkpoints, else those of the stages before it (folders beside ``stage_dir``)."""
+    own = sorted(stage_dir.glob("*.ckpt"))
+    if own:
+        return "the last good checkpoint is kept: " + ", ".join(str(p) for p in own)
+    earlier = sorted(stage_dir.parent.glob("*/*.ckpt"))
+    if earlier:
+        return (f"no {stage_dir.name} checkpoint was written yet; the earlier stages' checkpoints are kept: "
+                + ", ".join(str(p) for p in earlier))
+    return "no checkpoint was written yet"
+
+
 class NonFiniteGuard(Callback):
     """Checks the loss before backward and every gradient before the optimizer step.
 
@@ -53,7 +67,7 @@ class NonFiniteGuard(Callback):
         where = f" in layer {layer}" if layer else ""
         raise RunHalted(
             f"non-finite {what} at {self.stage} step {trainer.global_step} (epoch {trainer.current_epoch}){where}; "
-            f"training stopped, the last good checkpoint is kept in {self.checkpoint_dir}"
+            f"training stopped; {kept_checkpoints(Path(self.checkpoint_dir))}"
         )
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:

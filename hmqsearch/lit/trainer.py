@@ -31,6 +31,8 @@ class RunLoggers:
         if self.kind == "csv":
             return CSVLogger(self.run_dir, name="csv", version=stage)
         if self.kind == "wandb":
+            import wandb
+
             logger = WandbLogger(
                 project=self.cfg.get("project", "hmqsearch"),
                 name=self.cfg.get("name"),
@@ -39,7 +41,11 @@ class RunLoggers:
                 prefix=stage,
                 experiment=self._wandb_run,
                 config=self.run_config if self._wandb_run is None else None,
+                settings=wandb.Settings(silent=True),  # no banner, no history and summary on the console
             )
+            # Lightning passes anonymous=None, which recent wandb versions warn about on the console
+            # ("The anonymous setting has no effect"); leaving it out is wandb's own default.
+            getattr(logger, "_wandb_init", {}).pop("anonymous", None)
             self._wandb_run = logger.experiment
             return logger
         return False

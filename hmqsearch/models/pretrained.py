@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 import re
 import urllib.error
 from pathlib import Path
@@ -58,6 +59,27 @@ def _verify(path: Path, sha256: str | None, downloaded: bool) -> None:
         )
 
 
+def _unreadable(path: Path, exc: Exception) -> UserError:
+    """Why ``torch.load`` (weights only) could not read ``path``, in our words: torch's own text
+    advises loading with ``weights_only=False``, which would run any code the file holds."""
+    with path.open("rb") as f:
+        head = f.read(16)
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its legacy pickle
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if isinstance(exc, pickle.UnpicklingError) and found:
+            reason = f"it holds a Python object ({found.group(1)}) besides tensors and plain containers"
+        elif isinstance(exc, pickle.UnpicklingError):
+            reason = "it is a pickle, but not of tensors and plain containers, or it is damaged"
+        else:
+            reason = "the torch.save file is damaged or truncated"
+    else:
+        reason = f"this is not a file written by torch.save (it starts with {head!r})"
+    return UserError(
+        f"cannot read pretrained weights {path}: {reason}; allowed: a state_dict (tensor names to "
+        f"tensors, or a dict holding one under 'state_dict') saved with torch.save"
+    )
+
+
 def _describe(keys: list[str]) -> str:
     more = f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
     return ", ".join(keys[:_SHOWN]) + more
@@ -80,7 +102,7 @@ def load_pretrained(model: nn.Module, source: str, sha256: str | None = None) ->
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle means an unusable file
-        raise UserError(f"cannot read pretrained weights {path}: {str(exc).splitlines()[0]}") from exc
+        raise _unreadable(path, exc) from exc
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         state, meta = loaded["state_dict"], {k: v for k, v in loaded.items() if k != "state_dict"}
     else:

@@ -55,6 +55,10 @@ class QuantSpec:
             bad = [b for b in bits if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 8]
             if bad:
                 raise UserError(f"{name}={list(bits)} contains {bad}; allowed bit-widths are integers 1..8")
+            repeated = sorted({b for b in bits if list(bits).count(b) > 1})
+            if repeated:
+                raise UserError(f"{name}={list(bits)} repeats {repeated}; allowed: each bit-width once, e.g. "
+                                f"{name}=[{','.join(map(str, sorted(set(bits))))}]")
         if not isinstance(self.n_thresholds, int) or self.n_thresholds < 1:
             raise UserError(f"search.n_thresholds={self.n_thresholds}; allowed: an integer >= 1")
         if not isinstance(self.init_mass, (int, float)) or not 0.0 < self.init_mass < 1.0:
