@@ -76,6 +76,9 @@ CONFIG_CASES = [
     *([] if torch.cuda.is_available() else [  # a mistake only where there is no GPU
         ("gpu-without-cuda", ["trainer.accelerator=gpu"], USER_ERROR, "trainer.accelerator=gpu, but torch"),
     ]),
+    ("nan-bops-budget", ["budget.bops_compression=nan"], USER_ERROR, "budget.bops_compression=nan; allowed: a positive number, or null"),
+    ("negative-ramp-steps", ["search.ramp.steps=-1"], USER_ERROR, "search.ramp.steps=-1; allowed: an integer >= 0"),
+    ("search-enforce", ["search.enforce=maybe"], USER_ERROR, "search.enforce='maybe'; allowed: argmax, expected"),
 ]
 
 
