@@ -92,7 +92,7 @@ SPECS = {
 def test_packed_checkpoint_reloads_exactly(tmp_path, case):
     spec, bits = SPECS[case]
     qmodel = make_qmodel(spec, bits)
-    meta = save_packed(tmp_path / "model.packed", qmodel, arch=ARCH, spec=spec, input_shape=SHAPE)
+    meta = save_packed(tmp_path / "model.packed", qmodel, arch=ARCH, spec=spec, example=torch.zeros(1, *SHAPE))
     st_path, json_path = packed_paths(tmp_path / "model.packed")
     assert st_path.name == "model.packed.safetensors" and json_path.is_file()
 
@@ -102,7 +102,7 @@ def test_packed_checkpoint_reloads_exactly(tmp_path, case):
     from safetensors.numpy import load_file
 
     tensors = load_file(str(st_path))
-    layer_bytes = sum(v.nbytes for k, v in tensors.items() if not k.startswith("extra/"))
+    layer_bytes = sum(v.nbytes for k, v in tensors.items() if not k.startswith(("extra/", "input/")))
     # exactly the packed weights + int8 exponents + biases
     assert layer_bytes == sum(expected.values()) + overhead_bytes(qmodel, "packed") == meta["packed_bytes"] + meta["overhead_bytes"]
     assert (meta["extra_bytes"] > 0) == (not spec.fold_bn)
@@ -120,7 +120,7 @@ def test_packed_checkpoint_reloads_exactly(tmp_path, case):
 @pytest.fixture
 def saved(tmp_path):
     spec, bits = SPECS["mixed"]
-    save_packed(tmp_path / "model.packed", make_qmodel(spec, bits), arch=ARCH, spec=spec, input_shape=SHAPE)
+    save_packed(tmp_path / "model.packed", make_qmodel(spec, bits), arch=ARCH, spec=spec, example=torch.zeros(1, *SHAPE))
     return packed_paths(tmp_path / "model.packed")
 
 
