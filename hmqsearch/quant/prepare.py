@@ -109,8 +109,11 @@ class QuantModel(nn.Module):
     Called like the network (``qmodel(x)``, ``qmodel(*x)``, ``qmodel(**x)``) it returns the
     logits, with PyTorch's fused attention fast path off so that every quantizer runs.
     ``float_reasons``: why a module's parameters stay float, by module name;
-    ``model_float_bytes``: the original model's parameters at 32 bits (the whole-model reference).
+    ``model_float_bytes``: the original model's parameters at 32 bits (the whole-model reference);
+    ``spec``: the QuantSpec :func:`prepare` used.
     """
+
+    spec: QuantSpec
 
     def __init__(
         self, net: nn.Module, layer_names: list[str], folded: list[tuple[str, str]],
@@ -341,6 +344,7 @@ def prepare(model: nn.Module, spec: QuantSpec, example_input: Inputs) -> QuantMo
         _replace_module(net, layer, qlayer)
         names.append(name)
     qmodel = QuantModel(net, names, folded, reasons, parameter_bytes(model)).eval()
+    qmodel.spec = spec
     record_shapes(qmodel, example_input)
     _log_float_parameters(qmodel)
     return qmodel
