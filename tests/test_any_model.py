@@ -277,3 +277,40 @@ def test_prepare_reports_float_parameters_and_refuses_tied_weights(caplog):
     )
     assert "never called" not in caplog.text and "batch norm" not in caplog.text
     assert np.isclose(qmodel.model_float_bytes, 4 * sum(p.numel() for p in Odd().parameters()))
+
+
+def test_conv1d_and_linear_subclasses_export_without_training(tmp_path):
+    """Conv1d (+ a folded BatchNorm1d) and a Linear subclass are quantized; a Linear subclass with
+    its own forward stays float, with the reason; the graph agrees with PyTorch."""
+
+    class Tagged(nn.Linear):  # a subclass that keeps nn.Linear.forward
+        pass
+
+    class Scaled(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2.0 * super().forward(x)
+
+    class Signal(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(2, 8, 5, stride=2, padding=2)
+            self.bn = nn.BatchNorm1d(8)
+            self.conv2 = nn.Conv1d(8, 8, 3, padding="same", groups=4)
+            self.tagged, self.scaled = Tagged(8 * 10, 16), Scaled(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.relu(self.conv2(F.relu(self.bn(self.conv(x)))))
+            return self.scaled(F.relu(self.tagged(x.flatten(1))))
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(64, 2, 20, generator=g), torch.randint(0, 4, (64,), generator=g)) for _ in range(4)]
+    model = Signal().eval()
+    qmodel = hmqsearch.prepare(model, data[0][0][:8], weight_bits=[4, 8], act_bits=[8])
+    assert qmodel.layer_names == ["conv", "conv2", "tagged"] and qmodel.folded == [("conv", "bn")]
+    reasons = {t.name: t.reason for t in qmodel.float_parameters()}
+    assert reasons["scaled.weight"] == "Scaled overrides Linear.forward, so its computation is not known to hmqsearch"
+    hmqsearch.calibrate(qmodel, data)
+    report = hmqsearch.search(qmodel, data, hmqsearch.Budget(weight_compression=4), epochs=0)
+    assert report.feasible
+    figures = hmqsearch.export_model(qmodel, tmp_path, data, **EXPORT)
+    assert figures["verify"]["reference_agreement"] == 100.0 and figures["verify"]["agreement"] >= 99.5
