@@ -314,3 +314,11 @@ def test_conv1d_and_linear_subclasses_export_without_training(tmp_path):
     assert report.feasible
     figures = hmqsearch.export_model(qmodel, tmp_path, data, **EXPORT)
     assert figures["verify"]["reference_agreement"] == 100.0 and figures["verify"]["agreement"] >= 99.5
+
+    kept = hmqsearch.prepare(model, data[0][0][:8], weight_bits=[4, 8], act_bits=[8], fold_bn=False)
+    hmqsearch.calibrate(kept, data)
+    hmqsearch.search(kept, data, hmqsearch.Budget(weight_compression=4), epochs=0)
+    figures = hmqsearch.export_model(kept, tmp_path / "kept", data, **EXPORT)  # BatchNorm1d folded into the scales
+    graph = onnx.load(str(tmp_path / "kept" / "model.onnx")).graph
+    assert not any(n.op_type == "BatchNormalization" for n in graph.node)
+    assert figures["verify"]["agreement"] >= 99.5
