@@ -23,10 +23,12 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from hmqsearch.baselines import Method, assign_fixed, baseline_spec, parse_method
 from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
-from hmqsearch.constrained.constraints import Constraint
+from hmqsearch.constrained.constraints import ENFORCE, Constraint, enforce_on
 from hmqsearch.constrained.proximity import ProximityConstraints, ProximitySpec
+from hmqsearch.constrained.ramp import RampSpec
 from hmqsearch.constrained.repair import fill, repair
 from hmqsearch.constrained.warm_start import check_start, warm_start
+from hmqsearch.cost import compute
 from hmqsearch.cost import latency as lat
 from hmqsearch.cost import model_size, size
 from hmqsearch.errors import UserError
@@ -46,6 +48,7 @@ from hmqsearch.quant.batch_norm import reestimate_batch_norm
 from hmqsearch.quant.calibrate import calibrate_activations
 from hmqsearch.quant.prepare import Pin, QuantModel, QuantSpec, prepare
 from hmqsearch.report.allocation import write_allocation_report
+from hmqsearch.report.search_trace import write_search_trace
 from hmqsearch.report.sensitivity import write_sensitivity_report
 from hmqsearch.report.table import print_final_table
 from hmqsearch.resume import STAGES, Resume, load_checkpoint
@@ -104,6 +107,12 @@ def proximity_spec(cfg: DictConfig) -> ProximitySpec:
         raise UserError(f"search.repair_by={repair_by!r}; allowed: margin, duals")
     if repair_by == "duals" and not spec.enabled:
         raise UserError("search.repair_by=duals needs the proximity duals: set search.proximity.enabled=true")
+    return spec
+
+
+def ramp_spec(cfg: DictConfig) -> RampSpec:
+    spec = RampSpec(**OmegaConf.to_container(cfg.search.get("ramp") or {"steps": 0}, resolve=True))
+    spec.validate()
     return spec
 
 
@@ -208,11 +217,12 @@ def pretrain(ctx: Context, net: nn.Module) -> None:
 def search(ctx: Context, qmodel: QuantModel, constraints: list[Constraint]) -> SearchModule:
     cfg = ctx.cfg.search
     qmodel.set_state("search")
+    enforce_on(constraints, qmodel, cfg.get("enforce", "expected"))
     prox = proximity_spec(ctx.cfg)
     module = SearchModule(
         qmodel, ctx.num_classes, _optimizer(ctx.cfg, "search"), cfg.lr, cfg.logit_lr, constraints,
         cfg.dual_lr, cfg.tau_start, cfg.tau_end, ProximityConstraints(qmodel, prox) if prox.enabled else None,
-        ctx.distiller("search"),
+        ctx.distiller("search"), logit_optimizer=instantiate(cfg.logit_optimizer), ramp=ramp_spec(ctx.cfg),
     )
     _fit(ctx, module, "search", None)
     qmodel.set_state("fixed")
@@ -228,6 +238,18 @@ def finetune(ctx: Context, qmodel: QuantModel) -> None:
         qmodel, ctx.num_classes, _optimizer(ctx.cfg, "finetune"), cfg.lr, ctx.distiller("finetune")
     )
     _fit(ctx, module, "finetune", "val/acc")
+
+
+def search_outcome(module: SearchModule, constraints: list[Constraint]) -> dict[str, Any]:
+    """Where the search itself ended, before repair and fill: how many quantizers its argmax
+    moved from the start, and the exact costs of that argmax against the budgets."""
+    moved = module.trace.moved(module.trace.argmax_bits())
+    log.info("the search moved %d of %d searched quantizers from the start", len(moved), len(module.trace.quantizers))
+    return {
+        "search_moved_quantizers": len(moved),
+        "search_moved": moved,
+        "search_end_costs": {c.name: {"exact": c.exact(), "budget": c.budget} for c in constraints},
+    }
 
 
 def _latency_table(qmodel: QuantModel, cfg: DictConfig) -> lat.LatencyTable | None:
@@ -250,6 +272,9 @@ def _costs(qmodel: QuantModel, budgets: BudgetSpec, table: lat.LatencyTable | No
         "latency_model": table.source if table else None,
         "expected_latency": float(lat.expected_latency(qmodel, table)) if table else None,
         "exact_latency": lat.exact_total_latency(qmodel, table) if table else None,
+        "bops": compute.exact_bops(qmodel),
+        "compression_bops": compute.float_bops(qmodel) / compute.exact_bops(qmodel),
+        "activation_bytes_max": compute.exact_activation_bytes(qmodel),
         "per_layer_weight_bytes_packed": packed,
     }
     return costs
@@ -261,6 +286,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     method = run_method(cfg)
     spec, budgets = quant_spec(cfg), budget_spec(cfg)
     proximity_spec(cfg)
+    ramp_spec(cfg)
+    if cfg.search.get("enforce", "expected") not in ENFORCE:
+        raise UserError(f"search.enforce={cfg.search.enforce!r}; allowed: {', '.join(ENFORCE)}")
     distill = distill_spec(cfg)
     check_start(cfg.search.get("start", "highest"))
     _check_counts(cfg)
@@ -312,7 +340,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if method.is_baseline:
             assign_fixed(qmodel, method)
             qmodel.set_state("fixed")
-            duals, steps, filled, disagreement, proximity_duals = {}, [], [], None, None
+            duals, steps, filled, disagreement, proximity_duals, search_end = {}, [], [], None, None, {}
             start_bits = start_sensitivity = None
             bn_batches = 0
         else:
@@ -333,9 +361,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             if proximity_duals is not None:
                 search_module.proximity.remove()
                 write_sensitivity_report(proximity_duals, run_dir, model_title)
+            search_end = search_outcome(search_module, constraints)
             by_duals = cfg.search.get("repair_by", "margin") == "duals"
             steps = repair(qmodel, constraints, proximity_duals if by_duals else None)
             filled = fill(qmodel, constraints) if cfg.search.fill_budget else []
+            if is_rank_zero():
+                trace = search_module.trace
+                write_search_trace(trace.start, trace.history, trace.argmax_bits(), run_dir, model_title)
             with on_device(qmodel, device):
                 bn_batches = reestimate_batch_norm(
                     qmodel, ctx.datamodule.train_dataloader(), cfg.search.get("bn_batches", 0)
@@ -375,13 +407,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "expected_latency": costs["expected_latency"],
             "exact_latency": costs["exact_latency"],
             "budget_latency_ms": budget_entries.get("latency_ms", {}).get("budget"),
+            "bops": costs["bops"],
+            "compression_bops": costs["compression_bops"],
+            "activation_bytes_max": costs["activation_bytes_max"],
+            "budgets": budget_entries,
             "search_start_weight_bits": start_bits,
             "search_start_sensitivity": start_sensitivity,
             "bn_reestimated_batches": bn_batches,
             "duals": duals,
             "proximity_duals": proximity_duals,
+            **search_end,
             "repair": [s.__dict__ for s in steps],
             "fill": [s.__dict__ for s in filled],
+            "repair_changed_quantizers": len({s.quantizer for s in steps}),
+            "fill_changed_quantizers": len({s.quantizer for s in filled}),
             "activation_ranges": ranges,
             "timings": {**timings, "total_s": time.time() - started},
             "pretrained": cfg.model.pretrained,

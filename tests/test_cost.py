@@ -79,3 +79,36 @@ def test_expected_latency_gradient_and_table_round_trip(qmodel, tmp_path):
     table.save(tmp_path / "t.json")
     again = lat.LatencyTable.load(tmp_path / "t.json")
     assert again.ms == table.ms and again.source == "analytic:toy"
+
+
+def test_bops_and_activation_memory_by_hand(qmodel):
+    """Tiny on 3x4x4: conv 8 * 16 outputs x 27 MACs = 3456 MACs, input 48 values; fc 32 MACs, input 8."""
+    from hmqsearch.cost import compute
+
+    fix(qmodel, conv_w=3, fc_w=8, conv_a=4, fc_a=8)
+    assert compute.exact_bops(qmodel) == 3456 * 3 * 4 + 32 * 8 * 8
+    assert compute.float_bops(qmodel) == (3456 + 32) * 32 * 32
+    assert compute.min_bops(qmodel) == 3456 * 2 * 4 + 32 * 2 * 4
+    assert compute.exact_activation_bytes(qmodel) == max(48 * 4 / 8, 8 * 8 / 8)
+    assert compute.min_activation_bytes(qmodel) == 48 * 4 / 8
+    # with the mass fixed (logit 20) the expectations equal the exact costs
+    assert float(compute.expected_bops(qmodel).detach()) == pytest.approx(compute.exact_bops(qmodel), rel=1e-4)
+    assert float(compute.expected_activation_bytes(qmodel).detach()) == pytest.approx(24.0, rel=1e-4)
+
+
+def test_bops_budget_pushes_inputs_and_an_unreachable_one_is_refused(qmodel):
+    from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
+    from hmqsearch.errors import UserError
+
+    for _, q in qmodel.quantizers():
+        q.reset_logits()
+    [c] = build_constraints(qmodel, BudgetSpec(weight_compression=None, bops_compression=64), None)
+    assert c.name == "bops" and c.budget == pytest.approx((3456 + 32) * 1024 / 64)
+    c.violation().backward()
+    conv_input = dict(qmodel.layers())["conv"].aq
+    bits_grad = conv_input.logits.grad.sum(1)  # d violation / d row logits: 4 bits (row 0) down, 8 up
+    assert bits_grad[0] < 0 < bits_grad[1]
+    with pytest.raises(UserError, match="bops budget .* cannot be met"):
+        build_constraints(qmodel, BudgetSpec(weight_compression=None, bops_compression=1000), None)
+    with pytest.raises(UserError, match="budget.activation_kb=-1"):
+        build_constraints(qmodel, BudgetSpec(activation_kb=-1), None)

@@ -29,6 +29,9 @@ SHAPE = (1, 8, 8)
 def test_pack_round_trip_every_width(bits, signed, n):
     lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
     values = np.random.default_rng(bits * 100 + n).integers(lo, hi + 1, size=n)
+    if bits == 1 and signed:  # the binary grid {-1, +1}
+        lo, hi = -1, 1
+        values = np.where(values < 0, -1, 1)
     values[0], values[-1] = lo, hi  # both ends of the range
     data = pack(values, bits, signed)
     assert data.dtype == np.uint8 and data.size == packed_size(n, bits) == -(-n * bits // 8)

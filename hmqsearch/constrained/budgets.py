@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hmqsearch.constrained.constraints import Constraint
+from hmqsearch.cost import compute
 from hmqsearch.cost import latency as lat
 from hmqsearch.cost import model_size, size
 from hmqsearch.errors import UserError
@@ -21,16 +22,21 @@ class BudgetSpec:
     ``scope``: ``model`` budgets the whole model's parameter bytes (quantized weights at their
     bit-widths, every other parameter at 32 bits, against all float parameters:
     :mod:`hmqsearch.cost.model_size`); ``layers`` the quantized layers' weights alone.
+    ``bops_compression``: bit operations per sample <= the float32 model's (32 x 32 bits a MAC)
+    / this (W8A8 is 16, W4A8 32, W4A4 64). ``activation_kb``: the largest layer input, at its
+    bits, per sample, in KiB.
     """
 
     weight_compression: float | None = 8.0
     weight_kb: float | None = None
     latency_ms: float | None = None
+    bops_compression: float | None = None
+    activation_kb: float | None = None
     basis: str = "packed"
     scope: str = "model"
 
     def validate(self) -> None:
-        for key in ("weight_compression", "weight_kb", "latency_ms"):
+        for key in ("weight_compression", "weight_kb", "latency_ms", "bops_compression", "activation_kb"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise UserError(f"budget.{key}={value!r}; allowed: a positive number, or null for no budget")
@@ -77,6 +83,24 @@ def build_constraints(qmodel: QuantModel, spec: BudgetSpec, table: lat.LatencyTa
             expected=lambda: lat.expected_latency(qmodel, table),
             exact=lambda: lat.exact_total_latency(qmodel, table),
             minimum=lat.min_latency(qmodel, table),
+        ))
+    if spec.bops_compression is not None:
+        constraints.append(Constraint(
+            name="bops",
+            unit="bit operations per sample",
+            budget=compute.float_bops(qmodel) / spec.bops_compression,
+            expected=lambda: compute.expected_bops(qmodel),
+            exact=lambda: compute.exact_bops(qmodel),
+            minimum=compute.min_bops(qmodel),
+        ))
+    if spec.activation_kb is not None:
+        constraints.append(Constraint(
+            name="activation_bytes",
+            unit="bytes (largest layer input per sample)",
+            budget=spec.activation_kb * 1024.0,
+            expected=lambda: compute.expected_activation_bytes(qmodel),
+            exact=lambda: compute.exact_activation_bytes(qmodel),
+            minimum=compute.min_activation_bytes(qmodel),
         ))
     for c in constraints:
         c.check_feasible()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from hmqsearch.errors import UserError
+from hmqsearch.quant.hmq import HMQQuantizer, argmax_costs
+from hmqsearch.quant.prepare import QuantModel
 
 
 @dataclass
@@ -20,10 +24,21 @@ class Constraint:
     expected: Callable[[], Tensor]
     exact: Callable[[], float]
     minimum: float  # cost with the lowest precision everywhere
+    bound: float | None = None  # the bound the duals enforce now (a ramp step); None: the budget
+    argmax: Callable[[], Tensor] | None = None  # the current argmax's cost, on the device
 
     def violation(self) -> Tensor:
-        """Normalised violation v = E[c] / B - 1 (positive when over budget)."""
-        return self.expected() / self.budget - 1.0
+        """Normalised violation v = c / bound - 1 (positive when over the current bound).
+
+        c is the expected cost E[c], or, with ``argmax``, the larger of E[c] and the argmax's
+        cost with E[c]'s gradient (straight through): the duals then keep rising until the
+        argmax itself meets the bound, so the search ends with its own argmax within budget
+        rather than only its expectation.
+        """
+        cost = self.expected()
+        if self.argmax is not None:
+            cost = cost + (torch.maximum(cost, self.argmax()) - cost).detach()
+        return cost / (self.budget if self.bound is None else self.bound) - 1.0
 
     def satisfied(self) -> bool:
         return self.exact() <= self.budget
@@ -36,6 +51,23 @@ class Constraint:
                 f"candidate precision everywhere costs {self.minimum:.6g} {self.unit}. "
                 f"Allowed: a budget >= {self.minimum:.6g} {self.unit}, or add lower bit-widths to the search."
             )
+
+
+ENFORCE = ("argmax", "expected")
+
+
+def enforce_on(constraints: list[Constraint], qmodel: QuantModel, what: str) -> None:
+    """What the duals enforce: ``expected`` costs only, or also the ``argmax``'s cost."""
+    if what not in ENFORCE:
+        raise UserError(f"search.enforce={what!r}; allowed: {', '.join(ENFORCE)}")
+    quantizers = [q for _, q in qmodel.quantizers()]
+    for c in constraints:
+        c.argmax = functools.partial(_argmax_cost, c.expected, quantizers) if what == "argmax" else None
+
+
+def _argmax_cost(expected: Callable[[], Tensor], quantizers: list[HMQQuantizer]) -> Tensor:
+    with argmax_costs(quantizers):
+        return expected().detach()
 
 
 def normalised_cost(constraints: list[Constraint]) -> float:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from hmqsearch.errors import UserError
-from hmqsearch.quant.functional import channel_view, int_range, quantize_to_int
+from hmqsearch.quant.functional import channel_view, int_range, quantize_to_int, step_shift
 from hmqsearch.quant.hmq import HMQQuantizer
 from hmqsearch.quant.layers import QuantConv1d, QuantConv2d, QuantEmbedding
 from hmqsearch.quant.prepare import QuantLayer, QuantModel
@@ -34,8 +34,8 @@ class QScheme:
 
     @property
     def steps(self) -> np.ndarray:
-        """float32 steps 2^(e - (b-1)) signed, 2^(e - b) unsigned: exact powers of two."""
-        shift = self.bits - 1 if self.signed else self.bits
+        """float32 steps 2^(e - (b-1)) signed, 2^(e - b) unsigned, 2^(e - 1) binary: exact powers of two."""
+        shift = step_shift(self.bits, self.signed)
         return np.array([2.0 ** (e - shift) for e in self.threshold_exp], dtype=np.float32)
 
     @property

@@ -3,7 +3,9 @@
 Values are laid out as one little-endian bit stream: value i occupies bits
 ``[i*b, (i+1)*b)`` counted from the least significant bit of byte 0.  At b = 4 this is
 exactly ONNX's int4/uint4 layout (first element in the low nibble), at b = 8 plain bytes.
-Signed values are stored in b-bit two's complement, unsigned ones as they are.
+Signed values are stored in b-bit two's complement, unsigned ones as they are; signed 1-bit
+values are the binary grid {-1, +1} (hmqsearch.quant.functional), one bit each: 1 for +1,
+0 for -1.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ def pack(values: np.ndarray, bits: int, signed: bool) -> np.ndarray:
     """Pack integer ``values`` (any shape, flattened in C order) into a uint8 array."""
     _check_bits(bits)
     v = np.asarray(values).reshape(-1).astype(np.int64)
+    if bits == 1 and signed:
+        if v.size and not np.isin(v, (-1, 1)).all():
+            raise ValueError(f"values {sorted(set(v.tolist()) - {-1, 1})[:5]} are not on the binary grid {{-1, +1}}")
+        return np.packbits((v > 0).astype(np.uint8), bitorder="little")
     lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
     if v.size and (v.min() < lo or v.max() > hi):
         kind = "signed" if signed else "unsigned"
@@ -42,6 +48,8 @@ def unpack(data: np.ndarray, n: int, bits: int, signed: bool) -> np.ndarray:
     data = np.asarray(data, dtype=np.uint8).reshape(-1)
     if data.size < packed_size(n, bits):
         raise ValueError(f"{data.size} bytes hold fewer than {n} values of {bits} bits")
+    if bits == 1 and signed:
+        return np.unpackbits(data, count=n, bitorder="little").astype(np.int32) * 2 - 1
     if bits == 8:
         codes = data[:n].astype(np.int32)
     else:

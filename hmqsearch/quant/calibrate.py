@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from hmqsearch.errors import UserError
 from hmqsearch.inputs import Inputs, run_model, to_device
 from hmqsearch.quant.calibration import RangeObserver
 from hmqsearch.quant.prepare import QuantModel
@@ -62,6 +63,13 @@ def calibrate_activations(
         obs = observers[name]
         bits = int(layer.aq.bits.max())
         layer.aq.signed = obs.signed
+        if obs.signed and 1 in layer.aq.candidate_bits and not layer.aq.float_pinned:
+            raise UserError(
+                f"the input of layer {name} can be negative, so a 1-bit input would be the binary grid "
+                f"{{-t/2, +t/2}}, which the deployment graph cannot express; allowed: 1 in search.act_bits "
+                f"only where every searched input is non-negative (after a ReLU), or pin this input "
+                f"(search.pins=[{{pattern: {name}, act_bits: 8}}])"
+            )
         ranges[name] = obs.compute_range(method, bits=bits, percentile=percentile)
         layer.aq.set_range(ranges[name])
         layer.aq.init_from_data(torch.cat(samples[name]))

@@ -10,18 +10,27 @@ Threshold candidates are powers of two around a range estimate r (per tensor, or
 channel for weights): with M = ceil(log2 r), t_j = 2^(M + 1 - j) for j = 0 .. n_t - 1.  With
 per-channel weights the logits are shared by all channels and select the offset j, so every
 channel keeps its own power-of-two threshold.
+
+A signed 1-bit candidate is the symmetric binary grid +-t/2
+(:func:`hmqsearch.quant.functional.binary_quant`), not the degenerate integer grid {-1, 0}.
+The expected-step relaxation cannot express it (a mid-rise grid has no zero level), so when a
+quantizer has binary candidates the relaxed forward mixes two passes: the expected-step
+quantizer over the other candidates and the binary quantizer at the binary row's expected
+step, weighted by their probability masses.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from hmqsearch.kernels import fake_quant
+from hmqsearch.quant.functional import binary_quant, channel_view, step_shift
 
 Mode = Literal["expected", "mixture", "hard"]
 State = Literal["float", "search", "fixed"]
@@ -38,8 +47,22 @@ class Scheme:
     signed: bool
 
     def steps(self) -> Tensor:
-        shift = self.bits - 1 if self.signed else self.bits
+        shift = step_shift(self.bits, self.signed)
         return torch.tensor([2.0 ** (e - shift) for e in self.threshold_exp])
+
+
+@contextmanager
+def argmax_costs(quantizers: Iterable["HMQQuantizer"]) -> Iterator[None]:
+    """Inside, every quantizer's :meth:`HMQQuantizer.bit_probs` is the one-hot of its argmax:
+    the expected-cost functions then compute the argmax's cost on the device (no host read)."""
+    quantizers = list(quantizers)
+    for q in quantizers:
+        q.argmax_costs = True
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            q.argmax_costs = False
 
 
 class HMQQuantizer(nn.Module):
@@ -76,6 +99,7 @@ class HMQQuantizer(nn.Module):
         self.register_buffer("tau", torch.tensor(1.0))
         self.n_thresholds = n_thresholds
         self.init_mass = init_mass
+        self.argmax_costs = False  # see bit_probs
         self.logits = nn.Parameter(self._initial_logits(init_mass))
 
     # ----------------------------------------------------------------- grid
@@ -118,7 +142,11 @@ class HMQQuantizer(nn.Module):
     def candidate_mse(self, x: Tensor) -> Tensor:
         """Quantization MSE of every (bits, threshold) candidate on ``x``, shape (bits, thresholds)."""
         step, lo, hi = self.candidate_tables()
-        mse = torch.stack([(self._quant(x, step[k], lo[k], hi[k]) - x).pow(2).mean() for k in range(len(step))])
+        binary = self.binary_mask().tolist()
+        mse = torch.stack([
+            ((self._binary(x, step[k]) if binary[k] else self._quant(x, step[k], lo[k], hi[k])) - x).pow(2).mean()
+            for k in range(len(step))
+        ])
         return mse.reshape(self.logits.shape)
 
     def init_from_data(self, x: Tensor) -> None:
@@ -146,15 +174,29 @@ class HMQQuantizer(nn.Module):
         offsets = torch.arange(self.n_thresholds, device=self.base_exp.device, dtype=torch.float32)
         return torch.exp2(self.base_exp[:, None] + 1.0 - offsets[None, :])
 
+    @property
+    def has_binary_rows(self) -> bool:
+        """Whether a 1-bit candidate exists (binary when the quantizer is signed)."""
+        return self.candidate_bits[0] == 1
+
+    def _binary_bits(self) -> Tensor:
+        """Per bit-width row: True for the binary grid (signed 1-bit). Arithmetic on the flag, not
+        `self.signed`: a host read would wait for the GPU every forward."""
+        return (self.bits == 1) & self.signed_flag
+
     def _shift(self) -> Tensor:
-        # arithmetic on the flag, not `self.signed`: a host read would wait for the GPU every forward
-        return self.bits - self.signed_flag.to(self.bits.dtype)
+        return self.bits - self.signed_flag.to(self.bits.dtype) + self._binary_bits().to(self.bits.dtype)
+
+    def binary_mask(self) -> Tensor:
+        """(K,) bool: the candidates on the binary grid, flattened bits-major like the tables."""
+        return self._binary_bits()[:, None].expand(-1, self.n_thresholds).reshape(-1)
 
     def candidate_tables(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-candidate (step, lo, hi), each shaped (K, channels), K = bits x thresholds."""
+        """Per-candidate (step, lo, hi), each shaped (K, channels), K = bits x thresholds.
+        Binary candidates have step t / 2 and the clipping range [-t, t]."""
         t = self.threshold_table()  # (C, T)
         step = t[None, :, :] / torch.exp2(self._shift())[:, None, None]  # (B, C, T)
-        hi = t[None] - step
+        hi = torch.where(self._binary_bits()[:, None, None], t[None], t[None] - step)
         lo = torch.where(self.signed_flag, -t[None].expand_as(step), torch.zeros_like(step))
         flat = lambda v: v.permute(0, 2, 1).reshape(-1, v.shape[1])  # noqa: E731 (B,T) major
         return flat(step), flat(lo), flat(hi)
@@ -165,7 +207,11 @@ class HMQQuantizer(nn.Module):
         return torch.softmax(self.logits.reshape(-1), dim=0)
 
     def bit_probs(self) -> Tensor:
-        """Marginal probability of each bit-width."""
+        """Marginal probability of each bit-width; inside :func:`argmax_costs`, the one-hot of
+        the argmax's bit-width (so every expected cost becomes the argmax's exact cost)."""
+        if self.argmax_costs:
+            row = torch.div(self._chosen_row(), self.n_thresholds, rounding_mode="floor")
+            return torch.zeros_like(self.bits).scatter_(0, row, 1.0)
         return torch.softmax(self.logits.reshape(-1), dim=0).reshape(self.logits.shape).sum(1)
 
     def expected_bits(self) -> Tensor:
@@ -236,19 +282,38 @@ class HMQQuantizer(nn.Module):
             return fake_quant(x, step.reshape(()), lo.reshape(()), hi.reshape(()), None)
         return fake_quant(x, step, lo, hi, axis)
 
+    def _binary(self, x: Tensor, step: Tensor) -> Tensor:
+        axis = self._axis(x)
+        return binary_quant(x, step.reshape(()) if axis is None else channel_view(step, x.dim(), axis))
+
     def _relaxed(self, x: Tensor, pi: Tensor) -> Tensor:
         step, lo, hi = self.candidate_tables()
         if self.mode == "mixture":
+            binary = self.binary_mask().tolist() if self.has_binary_rows else [False] * pi.numel()
             out = torch.zeros_like(x)
             for k in range(pi.numel()):
-                out = out + pi[k] * self._quant(x, step[k], lo[k], hi[k])
+                q = self._binary(x, step[k]) if binary[k] else self._quant(x, step[k], lo[k], hi[k])
+                out = out + pi[k] * q
             return out
-        return self._quant(x, pi @ step, pi @ lo, pi @ hi)
+        if not self.has_binary_rows:
+            return self._quant(x, pi @ step, pi @ lo, pi @ hi)
+        if len(self.candidate_bits) == 1:  # 1 bit only: binary when signed, {0, 1} otherwise
+            return torch.where(self.signed_flag, self._binary(x, pi @ step), self._quant(x, pi @ step, pi @ lo, pi @ hi))
+        binary = self.binary_mask().to(pi.dtype)
+        p_bin = (pi * binary).sum()
+        p_rest = (1.0 - p_bin).clamp_min(0.0)
+        rest = (pi + 1e-12) * (1.0 - binary)  # never all zero: a zero expected step would give NaN
+        rest = rest / rest.sum()
+        binary_step = (pi * binary) @ step / p_bin.clamp_min(1e-12)
+        return p_rest * self._quant(x, rest @ step, rest @ lo, rest @ hi) + p_bin * self._binary(x, binary_step)
 
     def _discrete(self, x: Tensor) -> Tensor:
         k = self._chosen_row()
         step, lo, hi = (v.index_select(0, k)[0] for v in self.candidate_tables())
-        return self._quant(x, step, lo, hi)
+        out = self._quant(x, step, lo, hi)
+        if self.has_binary_rows:  # both computed: choosing on the host would wait for the GPU
+            out = torch.where(self.binary_mask().index_select(0, k)[0], self._binary(x, step), out)
+        return out
 
     def extra_repr(self) -> str:
         return (

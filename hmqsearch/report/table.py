@@ -43,7 +43,17 @@ def print_final_table(qmodel: QuantModel, summary: dict[str, Any], layer_bytes: 
         budget_ms = summary.get("budget_latency_ms")
         result.add_row(f"latency ({summary['latency_model']})", f"{summary['exact_latency']:.4g} ms"
                        + (f" / budget {budget_ms:.4g} ms" if budget_ms is not None else ""))
+    budgets = summary.get("budgets") or {}
+    if "bops" in budgets:
+        result.add_row("BOPs per sample", f"{summary['bops']:.4g} / budget {budgets['bops']['budget']:.4g}"
+                       f" ({summary['compression_bops']:.0f}x < fp32)")
+    if "activation_bytes" in budgets:
+        result.add_row("largest layer input", f"{summary['activation_bytes_max']:,.0f} bytes"
+                       f" / budget {budgets['activation_bytes']['budget']:,.0f}")
     result.add_row("method", summary["method"]["label"])
+    if "search_moved_quantizers" in summary:
+        result.add_row("search moved", f"{summary['search_moved_quantizers']} quantizers "
+                       f"(then repair {summary['repair_changed_quantizers']}, fill {summary['fill_changed_quantizers']})")
     result.add_row("feasible", {True: "yes", False: "NO", None: "no budget (baseline)"}[summary["feasible"]])
     result.add_row("test top-1 float", f"{summary['float_top1']:.2f} %")
     result.add_row("test top-1 quantized", f"{summary['quant_top1']:.2f} %"
