@@ -153,7 +153,8 @@ def search(
     warm_start(qmodel, constraints, start, calib, progress)
     qmodel.set_state("search")
     module = SearchModule(
-        qmodel, _num_classes(qmodel, example), torch.optim.Adam, lr, logit_lr, constraints, dual_lr, tau[0], tau[1]
+        qmodel, _num_classes(qmodel, example), torch.optim.Adam, lr, logit_lr=logit_lr, constraints=constraints,
+        dual_lr=dual_lr, tau_start=tau[0], tau_end=tau[1],
     )
     _fit(module, loader, epochs, progress, accelerator)
     qmodel.set_state("fixed")
