@@ -64,10 +64,11 @@ def baseline_spec(spec: QuantSpec, method: Method) -> QuantSpec:
     """The search's quantization spec narrowed to the method's single weight and input bit-width.
 
     Pins (the first layer's 8-bit input by default, user pins) are kept as for the search.
+    Embedding tables take the weight bit-width.
     """
     if not method.is_baseline:
         return spec
-    return replace(spec, weight_bits=[method.weight_bits], act_bits=[method.act_bits])
+    return replace(spec, weight_bits=[method.weight_bits], act_bits=[method.act_bits], embedding_bits=None)
 
 
 def assign_fixed(qmodel: QuantModel, method: Method) -> None:

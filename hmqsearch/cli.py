@@ -49,7 +49,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from hmqsearch.export.budget_check import check_budgets
-    from hmqsearch.export.packed import load_packed, read_packed_meta
+    from hmqsearch.export.packed import float_input_shape, load_packed, read_packed_meta
     from hmqsearch.export.stage import export_run, load_run
     from hmqsearch.export.verify import random_loader
     from hmqsearch.quant.prepare import Pin, QuantSpec
@@ -69,7 +69,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         spec_d = dict(meta["quant_spec"])
         spec = QuantSpec(**{**spec_d, "pins": [Pin(**p) for p in spec_d.get("pins", [])]})
         arch, base = meta["architecture"], {}
-        loader = random_loader(tuple(meta["input_shape"]), args.samples or 256)
+        loader = random_loader(float_input_shape(meta), args.samples or 256)
         out = Path(args.out) if args.out else Path(args.packed).parent
     figures = export_run(qmodel, out, loader, _export_cfg(args, base), arch=arch, spec=spec)["export"]
     print(
@@ -81,7 +81,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from hmqsearch.export.packed import load_packed, read_packed_meta
+    from hmqsearch.export.packed import float_input_shape, load_packed, read_packed_meta
     from hmqsearch.export.stage import DEFAULTS, eval_loader, run_config
     from hmqsearch.export.verify import random_loader, session, verify_onnx
 
@@ -93,7 +93,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _, cfg = run_config(Path(args.data_from))
         loader = eval_loader(cfg)
     else:
-        loader = random_loader(tuple(meta["input_shape"]), samples)
+        loader = random_loader(float_input_shape(meta), samples)
     tolerance = args.tolerance if args.tolerance is not None else DEFAULTS["tolerance_agreement"]
     runtime = args.runtime_tolerance if args.runtime_tolerance is not None else DEFAULTS["tolerance_runtime_agreement"]
     result = verify_onnx(args.onnx, qmodel, loader, tolerance, samples, runtime)

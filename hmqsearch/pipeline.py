@@ -30,10 +30,11 @@ from hmqsearch.constrained.repair import fill, repair
 from hmqsearch.constrained.warm_start import check_start, warm_start
 from hmqsearch.cost import compute
 from hmqsearch.cost import latency as lat
-from hmqsearch.cost import size
+from hmqsearch.cost import model_size, size
 from hmqsearch.errors import UserError
 from hmqsearch.export.precision import write_precision
 from hmqsearch.export.stage import export_config, export_into_summary, export_run
+from hmqsearch.inputs import Inputs, named_tensors, run_model, take, to_device
 from hmqsearch.io import atomic_write, write_json
 from hmqsearch.lit.checkpointing import LAST
 from hmqsearch.lit.classifier import ClassifierModule
@@ -87,6 +88,7 @@ def quant_spec(cfg: DictConfig) -> QuantSpec:
         weight_bits=list(s.weight_bits), act_bits=list(s.act_bits), n_thresholds=s.n_thresholds,
         weight_per_channel=s.weight_per_channel, mode=s.mode, first_layer_act_bits=s.first_layer_act_bits,
         pins=pins, fold_bn=s.fold_bn, init_mass=s.get("init_mass", QuantSpec.init_mass),
+        embedding_bits=list(s.embedding_bits) if s.get("embedding_bits") is not None else None,
     )
     spec.validate()
     return baseline_spec(spec, run_method(cfg))
@@ -141,18 +143,21 @@ def evaluate(model: nn.Module, loader: Any, num_classes: int, device: torch.devi
     with on_device(model, device):
         model.eval()
         for x, y in loader:
-            acc.update(model(x.to(device)), y.to(device))
+            acc.update(run_model(model, to_device(x, device)), y.to(device))
     return 100.0 * float(acc.compute())
 
 
-def _check_data_fits_model(net: nn.Module, example: Tensor, num_classes: int, cfg: DictConfig) -> None:
+def _check_data_fits_model(net: nn.Module, example: Inputs, num_classes: int, cfg: DictConfig) -> None:
     try:
         with torch.no_grad():
-            out = net.eval()(example)
+            out = run_model(net.eval(), example)
     except RuntimeError as exc:
+        shapes = tuple(example.shape[1:]) if isinstance(example, Tensor) else ", ".join(
+            f"{name} {tuple(t.shape[1:])}" for name, t in named_tensors(example)
+        )
         raise UserError(
-            f"data {cfg.data._target_} (input shape {tuple(example.shape[1:])}) does not fit model "
-            f"{cfg.model.net._target_}: {describe_misfit(net, example)}"
+            f"data {cfg.data._target_} (input shape {shapes}) does not fit model {cfg.model.net._target_}: "
+            + (describe_misfit(net, example) if isinstance(example, Tensor) else str(exc).splitlines()[0])
         ) from exc
     if out.dim() != 2 or out.shape[1] != num_classes:
         raise UserError(
@@ -262,6 +267,9 @@ def _costs(qmodel: QuantModel, budgets: BudgetSpec, table: lat.LatencyTable | No
         "float_weight_bytes": float_bytes,
         "overhead_bytes_packed": size.overhead_bytes(qmodel, "packed"),
         "compression_packed": float_bytes / sum(packed.values()),
+        "model_float_bytes": qmodel.model_float_bytes,
+        "model_bytes_packed": model_size.model_bytes(qmodel, "packed"),
+        "compression_model": model_size.model_compression(qmodel, "packed"),
         "latency_model": table.source if table else None,
         "expected_latency": float(lat.expected_latency(qmodel, table)) if table else None,
         "exact_latency": lat.exact_total_latency(qmodel, table) if table else None,
@@ -294,7 +302,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     net: nn.Module = _instantiate(cfg.model.net)
     model_title = str(cfg.model.net._target_).rsplit(".", 1)[-1]
     calib = datamodule.calibration_batches(cfg.search.calibration.batches)
-    example = calib[0][:8]
+    example = take(calib[0], 8)
     _check_data_fits_model(net, example, num_classes, cfg)
 
     if not method.is_baseline:  # budgets are checked on the structure alone, before any training
@@ -390,6 +398,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "float_weight_bytes": costs["float_weight_bytes"],
             "overhead_bytes_packed": costs["overhead_bytes_packed"],
             "compression_packed": costs["compression_packed"],
+            "model_float_bytes": costs["model_float_bytes"],
+            "model_bytes_packed": costs["model_bytes_packed"],
+            "compression_model": costs["compression_model"],
+            "budget_scope": budgets.scope,
+            "float_parameters": [t.__dict__ for t in qmodel.float_parameters()],
             "feasible": feasible,
             "latency_model": costs["latency_model"],
             "expected_latency": costs["expected_latency"],

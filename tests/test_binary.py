@@ -140,7 +140,7 @@ def test_one_bit_model_packs_reloads_and_exports_exactly(tmp_path):
             assert set(np.unique(d.codes).tolist()) == {-1, 1}
     with torch.no_grad():
         ref = qmodel(x).numpy()
-    save_packed(tmp_path / "m.packed", qmodel, arch=ARCH, spec=spec, input_shape=SHAPE)
+    save_packed(tmp_path / "m.packed", qmodel, arch=ARCH, spec=spec, example=torch.zeros(1, *SHAPE))
     loaded = load_packed(tmp_path / "m.packed.safetensors")
     with torch.no_grad():
         assert np.array_equal(loaded(x).numpy(), ref)

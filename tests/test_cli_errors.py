@@ -51,7 +51,7 @@ CONFIG_CASES = [
     ("act-bits-nine", ["search.act_bits=[4,9]"], USER_ERROR, "search.act_bits=[4, 9] contains [9]; allowed bit-widths are integers 1..8"),
     ("weight-bits-empty", ["search.weight_bits=[]"], USER_ERROR, "search.weight_bits is empty"),
     ("n-thresholds-zero", ["search.n_thresholds=0"], USER_ERROR, "search.n_thresholds=0; allowed: an integer >= 1"),
-    ("infeasible-budget", ["budget.weight_compression=100"], USER_ERROR, "weight_bytes budget 288.64 bytes (packed) cannot be met"),
+    ("infeasible-budget", ["budget.weight_compression=100"], USER_ERROR, "weight_bytes budget 294.16 bytes (packed, whole model) cannot be met"),
     ("missing-pretrained", ["model.pretrained=/nonexistent/weights.th"], USER_ERROR, "pretrained weights /nonexistent/weights.th not found"),
     ("search-mode", ["search.mode=soft"], USER_ERROR, "search.mode='soft'; allowed: expected, mixture, hard"),
     ("logger-kind", ["logger.kind=tensorboard"], USER_ERROR, "logger.kind='tensorboard'; allowed: wandb, csv, none"),
@@ -198,7 +198,7 @@ def test_bad_input_suite(tmp_path, train_entry, capsys, monkeypatch):
     (["model=resnet1000"], "model=resnet1000 is not an option; allowed: mobilenetv2_cifar, resnet20"),
     (["budget.weight_compresion=8"], "unknown setting budget.weight_compresion; did you mean budget.weight_compression?"),
     (["budget.weight_compression=nan"], "budget.weight_compression=nan; allowed: a positive number, or null"),
-    (["budget.weight_compression=100"], "weight_bytes budget 288.64 bytes (packed) cannot be met"),
+    (["budget.weight_compression=100"], "weight_bytes budget 294.16 bytes (packed, whole model) cannot be met"),
     (["data.val_size=5"], "data.val_size=5; allowed: an integer from 10 to"),
     (["resume=/nonexistent/run"], "resume=/nonexistent/run: no such run directory"),
 ], ids=["unknown-option", "misspelled-key", "nan-budget", "infeasible-budget", "data-size", "resume-missing"])

@@ -96,7 +96,7 @@ def test_fill_spends_slack_where_it_buys_most_preference_per_byte():
             layer.wq.logits[0, 0] = 10.0  # 2 bits
             layer.wq.logits[1, 0] = lean  # the search's second choice: 4 bits
             layer.wq.logits[2, 0] = 0.0
-    [c] = build_constraints(qmodel, BudgetSpec(weight_kb=(size.min_weight_bytes(qmodel) + 130) / 1024), None)
+    [c] = build_constraints(qmodel, BudgetSpec(weight_kb=(size.min_weight_bytes(qmodel) + 130) / 1024, scope="layers"), None)
     steps = fill(qmodel, [c])
     assert [(s.quantizer, s.from_bits, s.to_bits) for s in steps] == [
         ("2.weight", 2, 4), ("2.weight", 4, 8)]

@@ -95,7 +95,7 @@ SPECS = {
 def test_packed_checkpoint_reloads_exactly(tmp_path, case):
     spec, bits = SPECS[case]
     qmodel = make_qmodel(spec, bits)
-    meta = save_packed(tmp_path / "model.packed", qmodel, arch=ARCH, spec=spec, input_shape=SHAPE)
+    meta = save_packed(tmp_path / "model.packed", qmodel, arch=ARCH, spec=spec, example=torch.zeros(1, *SHAPE))
     st_path, json_path = packed_paths(tmp_path / "model.packed")
     assert st_path.name == "model.packed.safetensors" and json_path.is_file()
 
@@ -105,7 +105,7 @@ def test_packed_checkpoint_reloads_exactly(tmp_path, case):
     from safetensors.numpy import load_file
 
     tensors = load_file(str(st_path))
-    layer_bytes = sum(v.nbytes for k, v in tensors.items() if not k.startswith("extra/"))
+    layer_bytes = sum(v.nbytes for k, v in tensors.items() if not k.startswith(("extra/", "input/")))
     # exactly the packed weights + int8 exponents + biases
     assert layer_bytes == sum(expected.values()) + overhead_bytes(qmodel, "packed") == meta["packed_bytes"] + meta["overhead_bytes"]
     assert (meta["extra_bytes"] > 0) == (not spec.fold_bn)
@@ -123,7 +123,7 @@ def test_packed_checkpoint_reloads_exactly(tmp_path, case):
 @pytest.fixture
 def saved(tmp_path):
     spec, bits = SPECS["mixed"]
-    save_packed(tmp_path / "model.packed", make_qmodel(spec, bits), arch=ARCH, spec=spec, input_shape=SHAPE)
+    save_packed(tmp_path / "model.packed", make_qmodel(spec, bits), arch=ARCH, spec=spec, example=torch.zeros(1, *SHAPE))
     return packed_paths(tmp_path / "model.packed")
 
 
@@ -161,3 +161,34 @@ def test_damaged_checkpoint_is_a_clear_user_error(saved, damage, message):
     with pytest.raises(UserError, match=message) as exc:
         load_packed(st_path)
     assert str(st_path.parent) in str(exc.value)
+
+
+def test_checkpoint_without_architecture_loads_into_the_callers_model(tmp_path):
+    spec, bits = SPECS["mixed"]
+    qmodel = make_qmodel(spec, bits)
+    example = torch.randn(4, *SHAPE)
+    meta = save_packed(tmp_path / "model.packed", qmodel, spec=spec, example=example)
+    assert meta["architecture"] is None and meta["inputs"] == {"kind": "tensor", "names": ["input"]}
+    with pytest.raises(UserError, match=r"saved without a Hydra architecture .* load_packed\(path, MyModel"):
+        load_packed(tmp_path / "model.packed")
+    net = SmallCNN(in_channels=1, num_classes=10, width=16)
+    loaded = load_packed(tmp_path / "model.packed", net)
+    with torch.no_grad():
+        assert torch.equal(loaded(example), qmodel(example))
+    with pytest.raises(UserError, match="other quantized layers than the checkpoint"):
+        load_packed(tmp_path / "model.packed", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)))
+
+
+def test_version_1_checkpoint_still_loads(tmp_path):
+    """Version 1 stored a float input shape and no example sample: it still loads."""
+    spec, bits = SPECS["mixed"]
+    qmodel = make_qmodel(spec, bits)
+    save_packed(tmp_path / "model.packed", qmodel, arch=ARCH, spec=spec, example=torch.zeros(1, *SHAPE))
+    _, json_path = packed_paths(tmp_path / "model.packed")
+    meta = json.loads(json_path.read_text())
+    meta["version"] = 1
+    del meta["inputs"]
+    json_path.write_text(json.dumps(meta))
+    x = torch.randn(8, *SHAPE)
+    with torch.no_grad():
+        assert torch.equal(load_packed(json_path)(x), qmodel(x))

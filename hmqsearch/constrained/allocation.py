@@ -39,6 +39,7 @@ from torch.optim.swa_utils import update_bn
 
 from hmqsearch.constrained.constraints import Constraint, normalised_cost
 from hmqsearch.constrained.repair import with_argmax
+from hmqsearch.inputs import run_model, to_device
 from hmqsearch.quant.hmq import HMQQuantizer
 from hmqsearch.quant.prepare import QuantModel
 
@@ -70,7 +71,7 @@ def measure_sensitivity(
     saved = {name: q.logits.detach().clone() for name, q in quantizers.items()}
     was_training = qmodel.training
     device = next(qmodel.parameters()).device
-    batches = [x.to(device) for x in batches]
+    batches = [to_device(x, device) for x in batches]
     stored = _stored_statistics(qmodel)
     qmodel.set_state("fixed")
     qmodel.eval()
@@ -78,11 +79,11 @@ def measure_sensitivity(
         for q in quantizers.values():
             q.start_at(max(q.candidate_bits))
         update_bn(batches, qmodel)  # a no-op without batch norm
-        reference = [F.log_softmax(qmodel(x), dim=1) for x in batches]
+        reference = [F.log_softmax(run_model(qmodel, x), dim=1) for x in batches]
 
         def divergence() -> float:
             update_bn(batches, qmodel)
-            kl = [F.kl_div(F.log_softmax(qmodel(x), dim=1), ref, log_target=True, reduction="batchmean")
+            kl = [F.kl_div(F.log_softmax(run_model(qmodel, x), dim=1), ref, log_target=True, reduction="batchmean")
                   for x, ref in zip(batches, reference)]
             return float(torch.stack(kl).mean())
 

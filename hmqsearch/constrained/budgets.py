@@ -7,15 +7,21 @@ from dataclasses import dataclass
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.cost import compute
 from hmqsearch.cost import latency as lat
-from hmqsearch.cost import size
+from hmqsearch.cost import model_size, size
 from hmqsearch.errors import UserError
 from hmqsearch.quant.prepare import QuantModel
+
+
+SCOPES = ("model", "layers")
 
 
 @dataclass
 class BudgetSpec:
     """``weight_kb`` (absolute, KiB = 1024 bytes) wins over ``weight_compression`` (x float32).
 
+    ``scope``: ``model`` budgets the whole model's parameter bytes (quantized weights at their
+    bit-widths, every other parameter at 32 bits, against all float parameters:
+    :mod:`hmqsearch.cost.model_size`); ``layers`` the quantized layers' weights alone.
     ``bops_compression``: bit operations per sample <= the float32 model's (32 x 32 bits a MAC)
     / this (W8A8 is 16, W4A8 32, W4A4 64). ``activation_kb``: the largest layer input, at its
     bits, per sample, in KiB.
@@ -27,6 +33,7 @@ class BudgetSpec:
     bops_compression: float | None = None
     activation_kb: float | None = None
     basis: str = "packed"
+    scope: str = "model"
 
     def validate(self) -> None:
         for key in ("weight_compression", "weight_kb", "latency_ms", "bops_compression", "activation_kb"):
@@ -35,13 +42,20 @@ class BudgetSpec:
                 raise UserError(f"budget.{key}={value!r}; allowed: a positive number, or null for no budget")
         if self.basis not in size.BASES:
             raise UserError(f"budget.basis={self.basis!r}; allowed: {', '.join(size.BASES)}")
+        if self.scope not in SCOPES:
+            raise UserError(f"budget.scope={self.scope!r}; allowed: {', '.join(SCOPES)}")
 
     def weight_budget_bytes(self, qmodel: QuantModel) -> float | None:
         if self.weight_kb is not None:
             return self.weight_kb * 1024.0
         if self.weight_compression is not None:
-            return size.float_weight_bytes(qmodel) / self.weight_compression
+            reference = qmodel.model_float_bytes if self.scope == "model" else size.float_weight_bytes(qmodel)
+            return reference / self.weight_compression
         return None
+
+    def fixed_bytes(self, qmodel: QuantModel) -> int:
+        """Bytes the weight budget covers beyond the quantized weights (the float parameters)."""
+        return model_size.fixed_float_bytes(qmodel) if self.scope == "model" else 0
 
 
 def build_constraints(qmodel: QuantModel, spec: BudgetSpec, table: lat.LatencyTable | None) -> list[Constraint]:
@@ -50,13 +64,14 @@ def build_constraints(qmodel: QuantModel, spec: BudgetSpec, table: lat.LatencyTa
     constraints = []
     weight_budget = spec.weight_budget_bytes(qmodel)
     if weight_budget is not None:
+        fixed = spec.fixed_bytes(qmodel)
         constraints.append(Constraint(
             name="weight_bytes",
-            unit=f"bytes ({spec.basis})",
+            unit=f"bytes ({spec.basis}, {'whole model' if spec.scope == 'model' else 'quantized layers'})",
             budget=weight_budget,
-            expected=lambda: size.expected_weight_bytes(qmodel, spec.basis),
-            exact=lambda: float(sum(size.exact_weight_bytes(qmodel, spec.basis).values())),
-            minimum=float(size.min_weight_bytes(qmodel, spec.basis)),
+            expected=lambda: size.expected_weight_bytes(qmodel, spec.basis) + fixed,
+            exact=lambda: float(sum(size.exact_weight_bytes(qmodel, spec.basis).values()) + fixed),
+            minimum=float(size.min_weight_bytes(qmodel, spec.basis) + fixed),
         ))
     if spec.latency_ms is not None:
         if table is None:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from hmqsearch.constrained.dual import DualVariables
 from hmqsearch.errors import UserError
-from hmqsearch.quant.layers import QuantConv2d, QuantLinear
+from hmqsearch.quant.layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
 from hmqsearch.quant.prepare import QuantModel
 
 UPDATES = ("step", "epoch")
@@ -55,8 +55,10 @@ class ProximitySpec:
 
 def float_output(layer: QuantConv2d | QuantLinear, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """The layer's output on ``x`` with float ``weight`` / ``bias`` and no input quantization."""
-    if isinstance(layer, QuantConv2d):
+    if isinstance(layer, (QuantConv1d, QuantConv2d)):
         return layer._conv_forward(x, weight, bias)
+    if isinstance(layer, QuantEmbedding):
+        return F.embedding(x, weight, layer.padding_idx)
     return F.linear(x, weight, bias)
 
 

@@ -112,7 +112,7 @@ def analytic_table(qmodel: QuantModel, target: Target) -> LatencyTable:
         s = layer.shape
         w_bits[name], a_bits[name] = wb, ab
         ms[name] = [
-            [target.layer_ms(s.macs, layer.weight.numel(), s.in_elements, s.out_elements, bw, ba) for ba in ab]
+            [target.layer_ms(s.macs, layer.weights_read(), s.in_elements, s.out_elements, bw, ba) for ba in ab]
             for bw in wb
         ]
     return LatencyTable(f"analytic:{target.name}", w_bits, a_bits, ms)

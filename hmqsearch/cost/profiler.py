@@ -36,7 +36,9 @@ from hmqsearch.export.deployed import DeployedLayer, QScheme, deployed_layers
 from hmqsearch.export.onnx_export import (
     IR_VERSION, OPSET, build_graph, container_type, fusable_layers, layer_subgraph, trace_deployment,
 )
-from hmqsearch.export.verify import providers, session
+from hmqsearch.errors import UserError
+from hmqsearch.export.verify import graph_feed, providers, session
+from hmqsearch.inputs import Inputs, apply, take
 from hmqsearch.quant.prepare import QuantModel
 
 
@@ -128,6 +130,12 @@ def profile_layers(
 ) -> LatencyTable:
     """Time every layer at every candidate (bw, ba) and return the measured table (ms)."""
     layers = deployed_layers(qmodel)
+    embeddings = [d.name for d in layers if d.kind == "embedding"]
+    if embeddings:
+        raise UserError(
+            f"a measured latency table times Conv and Linear layers; this model has embeddings ({', '.join(embeddings[:3])}): "
+            "use the analytic latency model (cost=analytic)"
+        )
     structure = _structure(qmodel, example)
     rng = np.random.default_rng(0)
     w_bits: dict[str, list[int]] = {}
@@ -174,14 +182,24 @@ def _graph_latency(model: onnx.ModelProto, input_shape: tuple[int, ...], *, batc
 
 def measure_graph_latency(
     onnx_path: str | Path,
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | None = None,
     *,
     batch: int = 1,
     warmup: int = 5,
     repeats: int = 20,
     threads: int = 1,
+    example: Inputs | None = None,
 ) -> float:
-    """Median latency (ms) of a whole exported graph at ``batch`` on the current device."""
+    """Median latency (ms) of a whole exported graph at ``batch`` on the current device.
+
+    Inputs: standard-normal float32 of ``input_shape`` per sample, or ``example``'s first sample
+    repeated ``batch`` times (any input structure and dtypes, e.g. token ids).
+    """
     sess = session(onnx_path, threads=threads)
-    feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)}
+    if example is not None:
+        feed = graph_feed(sess, apply(take(example, 1), lambda t: t.expand(batch, *t.shape[1:])), onnx_path)
+    elif input_shape is not None:
+        feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)}
+    else:
+        raise ValueError("measure_graph_latency needs input_shape or example")
     return time_session(sess, feed, warmup, repeats)

@@ -25,12 +25,12 @@ from torch import nn
 
 from hmqsearch.export.deployed import DeployedLayer
 from hmqsearch.quant.fold import batchnorm_pairs
-from hmqsearch.quant.layers import QuantConv2d, QuantLinear
+from hmqsearch.quant.layers import QuantConv1d, QuantConv2d, QuantLinear
 from hmqsearch.quant.prepare import QuantModel
 
 log = logging.getLogger(__name__)
 
-_FOLDABLE = {QuantConv2d: nn.BatchNorm2d, QuantLinear: nn.BatchNorm1d}
+_FOLDABLE = {QuantConv1d: nn.BatchNorm1d, QuantConv2d: nn.BatchNorm2d, QuantLinear: nn.BatchNorm1d}
 
 
 class _QuantLayersAsLeaves(torch.fx.Tracer):

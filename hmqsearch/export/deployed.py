@@ -16,10 +16,8 @@ import torch
 from hmqsearch.errors import UserError
 from hmqsearch.quant.functional import channel_view, int_range, quantize_to_int, step_shift
 from hmqsearch.quant.hmq import HMQQuantizer
-from hmqsearch.quant.layers import QuantConv2d, QuantLinear
-from hmqsearch.quant.prepare import QuantModel
-
-QuantLayer = QuantConv2d | QuantLinear
+from hmqsearch.quant.layers import QuantConv1d, QuantConv2d, QuantEmbedding
+from hmqsearch.quant.prepare import QuantLayer, QuantModel
 
 
 @dataclass(frozen=True)
@@ -56,10 +54,10 @@ class QScheme:
 
 @dataclass
 class DeployedLayer:
-    """One Conv2d/Linear as deployed: float or integer weights, an optional input scheme."""
+    """One Conv1d/Conv2d/Linear/Embedding as deployed: float or integer weights, an optional input scheme."""
 
     name: str
-    kind: str  # "conv" or "linear"
+    kind: str  # "conv" (1-D or 2-D: the weight's rank says), "linear" or "embedding" (no input scheme)
     weight: np.ndarray  # float32, the dequantized weights when quantized (q * step)
     float_weight: np.ndarray  # float32, the layer's own (unquantized) weights
     codes: np.ndarray | None  # int32 weight codes, None when the weights stay float
@@ -105,11 +103,11 @@ def dequantize_codes(codes: np.ndarray, scheme: QScheme) -> np.ndarray:
     return (codes.astype(np.float32) * steps).astype(np.float32)
 
 
-def _conv_pads(layer: QuantConv2d) -> tuple[int, ...]:
+def _conv_pads(layer: QuantConv1d | QuantConv2d) -> tuple[int, ...]:
     if layer.padding_mode != "zeros":
         raise UserError(f"{layer}: padding_mode={layer.padding_mode!r} cannot be exported; only 'zeros'")
     if layer.padding == "valid":
-        return (0, 0, 0, 0)
+        return (0,) * (2 * len(layer.kernel_size))
     if layer.padding == "same":  # PyTorch puts the odd pixel at the end
         total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
         return tuple(t // 2 for t in total) + tuple(t - t // 2 for t in total)
@@ -128,7 +126,9 @@ def deployed_layer(name: str, layer: QuantLayer) -> DeployedLayer:
         float_weight=weight.numpy(),
         codes=codes, wscheme=wscheme, ascheme=ascheme, bias=bias,
     )
-    if isinstance(layer, QuantConv2d):
+    if isinstance(layer, QuantEmbedding):
+        return DeployedLayer(kind="embedding", **common)
+    if isinstance(layer, (QuantConv1d, QuantConv2d)):
         return DeployedLayer(
             kind="conv", stride=tuple(layer.stride), pads=_conv_pads(layer),
             dilation=tuple(layer.dilation), groups=layer.groups, **common,

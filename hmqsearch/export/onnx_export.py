@@ -14,6 +14,14 @@ then expanded into standard opset-21 nodes:
   when the scheme is).  When the bit-width is narrower than its container (e.g. 6 bits in an
   int8) a Clip to [qmin * s, qmax * s] comes first, so the codes keep the narrower range.
 * Tensors pinned to float stay float.
+* An embedding is ``Gather`` from its dequantized integer table (int8/int4 codes, one scale
+  per row); its index input is not quantized.
+* A layer called more than once (a shared layer) stores its weights once: every call site
+  reads the same dequantized weight tensor and quantizes its input with the layer's one
+  input scheme (the input quantizer is shared by the call sites, as in PyTorch).
+* The graph takes the model's inputs as they are (:mod:`hmqsearch.inputs`): one input per
+  tensor, named ``input``, ``input_0``, ... or after the dict's keys, each with its own dtype
+  (int64 token ids stay int64) and a dynamic batch axis; the output is the logits.
 
 The graph is lossless: QuantizeLinear rounds half to even and all scales are powers of two,
 so every quantized value equals PyTorch's fake quantization bit for bit (onnxruntime with
@@ -61,7 +69,9 @@ from hmqsearch.errors import UserError
 from hmqsearch.export.bn_fold import fold_batchnorm_into
 from hmqsearch.export.deployed import DeployedLayer, QScheme, deployed_layers
 from hmqsearch.export.intpack import pack
+from hmqsearch.inputs import Inputs, apply, named_tensors, rebuild, run_model, structure, take
 from hmqsearch.io import atomic_write
+from hmqsearch.quant.attention import fastpath_disabled
 from hmqsearch.quant.fold import _replace_module
 from hmqsearch.quant.prepare import QuantModel
 
@@ -71,7 +81,7 @@ OPSET = 21  # QuantizeLinear/DequantizeLinear with int4/uint4
 IR_VERSION = 10  # the IR that introduced int4 and opset 21; onnxruntime >= 1.18 reads it
 TRACE_OPSET = 20  # the highest the TorchScript exporter writes; 20 -> 21 changed no semantics
 MARKER_DOMAIN = "hmqsearch.export"
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
+OUTPUT_NAME = "logits"
 FORMS = ("onnxruntime", "portable")
 
 _CONTAINER = {(4, True): TensorProto.INT4, (4, False): TensorProto.UINT4,
@@ -159,34 +169,58 @@ def _weight(sub: Subgraph, layer: DeployedLayer, form: str, fused: bool) -> str:
     return sub.node("DequantizeLinear", [w, scale, zp], f"{name}.weight_dequantized", **attrs)
 
 
-def layer_subgraph(
-    layer: DeployedLayer, x: str, y: str, input_rank: int, form: str = "portable", fused: bool = False
-) -> Subgraph:
-    """The opset-21 nodes computing ``y = layer(x)`` as deployed."""
+def weight_subgraph(layer: DeployedLayer, form: str = "portable", fused: bool = False) -> tuple[Subgraph, str]:
+    """The nodes computing the layer's float weight tensor from its integer initializer, and its name."""
     if form not in FORMS:
         raise UserError(f"export.form={form!r}; allowed: {', '.join(FORMS)}")
     sub = Subgraph()
+    return sub, _weight(sub, layer, form, fused)
+
+
+def call_subgraph(layer: DeployedLayer, x: str, y: str, input_rank: int, w: str, prefix: str) -> Subgraph:
+    """The nodes computing ``y = layer(x)`` from the weight tensor ``w``; ``prefix`` names the
+    call site's own nodes (the layer's name, with ``#<k>`` from a shared layer's second call on)."""
+    sub = Subgraph()
     name = layer.name
+    if layer.kind == "embedding":
+        sub.nodes.append(helper.make_node("Gather", [w, x], [y], name=f"{prefix}.gather", axis=0))
+        return sub
     if layer.ascheme is not None:
-        x = quantize_dequantize(sub, x, layer.ascheme, f"{name}.input")
-    w = _weight(sub, layer, form, fused)
+        x = quantize_dequantize(sub, x, layer.ascheme, f"{prefix}.input")
     inputs = [x, w]
     if layer.bias is not None:
-        inputs.append(sub.init(_f32(layer.bias, f"{name}.bias"), "overhead"))
+        inputs.append(f"{name}.bias")
     if layer.kind == "conv":
         sub.nodes.append(helper.make_node(
-            "Conv", inputs, [y], name=f"{name}.conv", kernel_shape=list(layer.weight.shape[2:]),
+            "Conv", inputs, [y], name=f"{prefix}.conv", kernel_shape=list(layer.weight.shape[2:]),
             strides=list(layer.stride), pads=list(layer.pads), dilations=list(layer.dilation), group=layer.groups,
         ))
     elif input_rank == 2:
-        sub.nodes.append(helper.make_node("Gemm", inputs, [y], name=f"{name}.gemm", transB=1))
+        sub.nodes.append(helper.make_node("Gemm", inputs, [y], name=f"{prefix}.gemm", transB=1))
     else:  # Linear on [..., in]: MatMul with W^T, then the bias
-        wt = sub.node("Transpose", [w], f"{name}.weight_t", perm=[1, 0])
+        wt = sub.node("Transpose", [w], f"{prefix}.weight_t", perm=[1, 0])
         if layer.bias is None:
-            sub.nodes.append(helper.make_node("MatMul", [x, wt], [y], name=f"{name}.matmul"))
+            sub.nodes.append(helper.make_node("MatMul", [x, wt], [y], name=f"{prefix}.matmul"))
         else:
-            mm = sub.node("MatMul", [x, wt], f"{name}.matmul")
-            sub.nodes.append(helper.make_node("Add", [mm, inputs[2]], [y], name=f"{name}.add_bias"))
+            mm = sub.node("MatMul", [x, wt], f"{prefix}.matmul")
+            sub.nodes.append(helper.make_node("Add", [mm, inputs[2]], [y], name=f"{prefix}.add_bias"))
+    return sub
+
+
+def _bias_subgraph(sub: Subgraph, layer: DeployedLayer) -> None:
+    if layer.bias is not None:
+        sub.init(_f32(layer.bias, f"{layer.name}.bias"), "overhead")
+
+
+def layer_subgraph(
+    layer: DeployedLayer, x: str, y: str, input_rank: int, form: str = "portable", fused: bool = False
+) -> Subgraph:
+    """The opset-21 nodes computing ``y = layer(x)`` as deployed (weights and one call)."""
+    sub, w = weight_subgraph(layer, form, fused)
+    _bias_subgraph(sub, layer)
+    call = call_subgraph(layer, x, y, input_rank, w, layer.name)
+    sub.nodes += call.nodes
+    sub.initializers += call.initializers
     return sub
 
 
@@ -201,7 +235,8 @@ class _MarkerOp(torch.autograd.Function):
     @staticmethod
     def symbolic(g, x, index: int, module: "_MarkerLayer"):  # noqa: ANN001, ANN205 - TorchScript values
         out = g.op(f"{MARKER_DOMAIN}::QuantLayer", x, index_i=index, rank_i=x.type().dim())
-        out.setType(x.type().with_sizes([None, *module.out_shape[1:]]))
+        sizes = module.out_sizes(x.type().varyingSizes())
+        out.setType(x.type().with_dtype(torch.float32).with_sizes([None, *sizes[1:]]))
         return out
 
 
@@ -212,32 +247,59 @@ class _MarkerLayer(nn.Module):
         super().__init__()
         self.index = index
         self.layer = layer
-        self.out_shape: list[int] = []  # recorded while tracing, for the marker's output type
+
+    def out_sizes(self, sizes: list[int | None]) -> list[int | None]:
+        """The output's sizes for an input of ``sizes`` (None: not known), for the marker's type."""
+        d = self.layer
+        if d.kind == "embedding":
+            return [*sizes, d.weight.shape[1]]
+        if d.kind == "linear":
+            return [*sizes[:-1], d.weight.shape[0]]
+        spatial = []
+        n = len(d.stride)
+        for i, size in enumerate(sizes[2:]):
+            k, s, dil = d.weight.shape[2 + i], d.stride[i], d.dilation[i]
+            total = None if size is None else size + d.pads[i] + d.pads[n + i]
+            spatial.append(None if total is None else (total - dil * (k - 1) - 1) // s + 1)
+        return [sizes[0], d.weight.shape[0], *spatial]
 
     def compute(self, x: Tensor) -> Tensor:
         d = self.layer
+        w = torch.from_numpy(d.weight)
+        if d.kind == "embedding":
+            return F.embedding(x, w)
         if d.ascheme is not None:
             step = float(d.ascheme.steps[0])
             qmin, qmax = d.ascheme.qrange
             x = torch.round(torch.clamp(x, qmin * step, qmax * step) / step) * step
-        w = torch.from_numpy(d.weight)
         b = None if d.bias is None else torch.from_numpy(d.bias)
         if d.kind == "linear":
-            out = F.linear(x, w, b)
-        else:
-            pad_h0, pad_w0, pad_h1, pad_w1 = d.pads
-            out = F.conv2d(F.pad(x, (pad_w0, pad_w1, pad_h0, pad_h1)), w, b, d.stride, 0, d.dilation, d.groups)
-        self.out_shape = list(out.shape)
-        return out
+            return F.linear(x, w, b)
+        n = len(d.stride)
+        pad = [p for i in reversed(range(n)) for p in (d.pads[i], d.pads[n + i])]  # F.pad: last axis first
+        conv = F.conv1d if n == 1 else F.conv2d
+        return conv(F.pad(x, pad), w, b, d.stride, 0, d.dilation, d.groups)
 
     def forward(self, x: Tensor) -> Tensor:
         return _MarkerOp.apply(x, self.index, self)
 
 
+class _Graphable(nn.Module):
+    """The network called on flat input tensors (ONNX inputs), returning its logits."""
+
+    def __init__(self, net: nn.Module, desc: dict) -> None:
+        super().__init__()
+        self.net = net
+        self.desc = desc
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        return run_model(self.net, rebuild(self.desc, list(tensors)))
+
+
 def trace_markers(
-    qmodel: QuantModel, layers: list[DeployedLayer], example: Tensor, folded: Sequence[str] = ()
+    qmodel: QuantModel, layers: list[DeployedLayer], example: Inputs, folded: Sequence[str] = ()
 ) -> onnx.ModelProto:
-    """The network traced to ONNX with one marker node per quantized layer (not yet runnable);
+    """The network traced to ONNX with one marker node per quantized layer call (not yet runnable);
     the batch norms named in ``folded`` (already folded into ``layers``) become identities."""
     net = copy.deepcopy(qmodel.net).eval()
     modules = dict(net.named_modules())
@@ -245,15 +307,17 @@ def trace_markers(
         _replace_module(net, modules[layer.name], _MarkerLayer(layer, index))
     for name in folded:
         _replace_module(net, modules[name], nn.Identity())
+    named = named_tensors(example)
+    input_names = [name for name, _ in named]
     buf = io.BytesIO()
     # torch >= 2.9 defaults to the torch.export-based exporter; the marker needs the TorchScript one
     legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), fastpath_disabled():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
-            net, (example,), buf, opset_version=TRACE_OPSET, **legacy,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            _Graphable(net, structure(example)), tuple(t for _, t in named), buf, opset_version=TRACE_OPSET, **legacy,
+            input_names=input_names, output_names=[OUTPUT_NAME],
+            dynamic_axes={**{name: {0: "batch"} for name in input_names}, OUTPUT_NAME: {0: "batch"}},
             custom_opsets={MARKER_DOMAIN: 1},
         )
     return onnx.load_from_string(buf.getvalue())
@@ -298,29 +362,33 @@ def fusable_layers(traced: onnx.ModelProto, layers: list[DeployedLayer]) -> dict
     that clips no more than the quantizer does.
     """
     graph = _Graph(traced)
-    fused: dict[int, tuple[int, str | None]] = {}
+    targets: dict[int, set[tuple[int, str | None] | None]] = {}  # every call of a shared layer must fuse alike
     for node in traced.graph.node:
         i = _marker_index(node)
-        if i is None or not _integer_kernel_possible(layers[i]):
-            continue
-        nxt = graph.only_consumer(node.output[0])
-        act = nxt.op_type if nxt is not None and nxt.domain == "" else None
-        between = nxt
-        if act in ("Relu", "Clip"):
-            nxt = graph.only_consumer(nxt.output[0])
-        j = _marker_index(nxt)
-        if j is None or (s := layers[j].ascheme) is None or s.container_bits != 8 or not s.fills_container:
-            continue
-        step = float(s.steps[0])
-        lo, hi = s.qrange[0] * step, s.qrange[1] * step
-        if act == "Relu" and s.signed:
-            continue
-        if act == "Clip":
-            cmin, cmax = graph.bound(between, 1, -np.inf), graph.bound(between, 2, np.inf)
-            if cmin is None or cmax is None or cmin > lo or cmax < hi:
-                continue
-        fused[i] = (j, act if act in ("Relu", "Clip") else None)
-    return fused
+        if i is not None and _integer_kernel_possible(layers[i]):
+            targets.setdefault(i, set()).add(_fusion_target(graph, node, layers))
+    return {i: next(iter(t)) for i, t in targets.items() if len(t) == 1 and None not in t}
+
+
+def _fusion_target(graph: "_Graph", node: onnx.NodeProto, layers: list[DeployedLayer]) -> tuple[int, str | None] | None:
+    """(consuming layer, activation between) when this call's output can fuse into an integer kernel."""
+    nxt = graph.only_consumer(node.output[0])
+    act = nxt.op_type if nxt is not None and nxt.domain == "" else None
+    between = nxt
+    if act in ("Relu", "Clip"):
+        nxt = graph.only_consumer(nxt.output[0])
+    j = _marker_index(nxt)
+    if j is None or (s := layers[j].ascheme) is None or s.container_bits != 8 or not s.fills_container:
+        return None
+    step = float(s.steps[0])
+    lo, hi = s.qrange[0] * step, s.qrange[1] * step
+    if act == "Relu" and s.signed:
+        return None
+    if act == "Clip":
+        cmin, cmax = graph.bound(between, 1, -np.inf), graph.bound(between, 2, np.inf)
+        if cmin is None or cmax is None or cmin > lo or cmax < hi:
+            return None
+    return j, act if act in ("Relu", "Clip") else None
 
 
 def requantized_by_onnxruntime(traced: onnx.ModelProto, layers: list[DeployedLayer]) -> set[int]:
@@ -352,7 +420,7 @@ def requantized_by_onnxruntime(traced: onnx.ModelProto, layers: list[DeployedLay
 
 def _integer_kernel_possible(layer: DeployedLayer) -> bool:
     return (
-        layer.kind == "conv" and layer.wscheme is not None
+        layer.kind == "conv" and len(layer.stride) == 2 and layer.wscheme is not None
         and layer.ascheme is not None and layer.ascheme.container_bits == 8
     )
 
@@ -389,21 +457,27 @@ def _expand(traced: onnx.ModelProto, layers: list[DeployedLayer], form: str) -> 
     nodes: list[onnx.NodeProto] = []
     inits = list(graph.initializer)
     weight_bytes = overhead_bytes = 0
-    seen: set[int] = set()
+    weights: dict[int, str] = {}  # layer index -> its weight tensor, written at the first call
+    calls: dict[int, int] = {}
     for node in graph.node:
         index = _marker_index(node)
         if index is None:
             nodes.append(node)
             continue
-        if index in seen:
-            raise UserError(f"layer {layers[index].name} is called more than once; shared layers cannot be exported")
-        seen.add(index)
+        layer = layers[index]
+        if index not in weights:
+            sub, weights[index] = weight_subgraph(layer, form, index in dq_weight)
+            _bias_subgraph(sub, layer)
+            nodes += sub.nodes
+            inits += sub.initializers
+            weight_bytes += sub.weight_bytes
+            overhead_bytes += sub.overhead_bytes
+        calls[index] = calls.get(index, 0) + 1
+        prefix = layer.name if calls[index] == 1 else f"{layer.name}#{calls[index]}"
         rank = next(a.i for a in node.attribute if a.name == "rank")
-        sub = layer_subgraph(layers[index], node.input[0], node.output[0], rank, form, index in dq_weight)
-        nodes += sub.nodes
-        inits += sub.initializers
-        weight_bytes += sub.weight_bytes
-        overhead_bytes += sub.overhead_bytes
+        call = call_subgraph(layer, node.input[0], node.output[0], rank, weights[index], prefix)
+        nodes += call.nodes
+        inits += call.initializers
     nodes, shield_inits = _shield_4bit_quantizers(nodes, inits)
     del graph.node[:]
     graph.node.extend(nodes)
@@ -462,7 +536,7 @@ def _shield_4bit_quantizers(
     return out_nodes, extra
 
 
-def build_onnx(qmodel: QuantModel, example: Tensor, form: str = "onnxruntime", as_float: bool = False) -> BuiltGraph:
+def build_onnx(qmodel: QuantModel, example: Inputs, form: str = "onnxruntime", as_float: bool = False) -> BuiltGraph:
     """The checked opset-21 deployment graph of ``qmodel``'s argmax assignment.
 
     ``as_float``: the same network with every layer in float32 (the reference for speed-ups).
@@ -475,27 +549,29 @@ def build_onnx(qmodel: QuantModel, example: Tensor, form: str = "onnxruntime", a
     return build_graph(qmodel, layers, example, form)
 
 
-def build_graph(qmodel: QuantModel, layers: list[DeployedLayer], example: Tensor, form: str = "onnxruntime") -> BuiltGraph:
+def build_graph(qmodel: QuantModel, layers: list[DeployedLayer], example: Inputs, form: str = "onnxruntime") -> BuiltGraph:
     """The deployment graph of ``qmodel``'s network with its quantized layers deployed as ``layers``."""
     traced, layers = trace_deployment(qmodel, layers, example)
     return _expand(traced, layers, form)
 
 
 def trace_deployment(
-    qmodel: QuantModel, layers: list[DeployedLayer], example: Tensor
+    qmodel: QuantModel, layers: list[DeployedLayer], example: Inputs
 ) -> tuple[onnx.ModelProto, list[DeployedLayer]]:
     """:func:`trace_markers` of ``layers`` with the batch norms that follow them folded in, and
     the layers as folded (what the expanded graph computes)."""
     layers, folded = fold_batchnorm_into(qmodel, layers)
-    return trace_markers(qmodel, layers, example[:1].detach().cpu().float(), folded), layers
+    one = apply(take(example, 1), lambda t: t.detach().cpu())
+    return trace_markers(qmodel, layers, one, folded), layers
 
 
 def export_onnx(
-    qmodel: QuantModel, path: str | Path, example: Tensor, form: str = "onnxruntime", as_float: bool = False
+    qmodel: QuantModel, path: str | Path, example: Inputs, form: str = "onnxruntime", as_float: bool = False
 ) -> ExportInfo:
     """Write the deployment graph of ``qmodel``'s argmax assignment to ``path`` (atomically).
 
-    ``example``: an input batch (only its shape is used; the batch axis is dynamic).
+    ``example``: an input batch as the model takes it (a tensor, tuple or dict of tensors; its
+    first sample is traced, dtypes kept; the batch axis is dynamic, the other axes are fixed).
     """
     built = build_onnx(qmodel, example, form, as_float)
     path = atomic_write(path, lambda p: onnx.save_model(built.model, str(p)))

@@ -8,12 +8,16 @@
   (step = 2^(exp - (b - 1))), one per scale;
 * ``<layer>.bias`` (float32); ``<layer>.weight`` (float32) instead of the two above when the
   weights are pinned to float;
-* ``extra/<key>``: any other state of the network (e.g. a batch norm that could not be folded).
+* ``extra/<key>``: any other state of the network (e.g. a batch norm that could not be folded,
+  layer norms, biases of layers left float);
+* ``input/<name>``: one sample of the model's inputs, dtypes kept (int64 token ids stay int64),
+  which the loader runs once to rebuild the quantized model.
 
 The weight-tensor bytes are exactly :func:`hmqsearch.cost.size.exact_weight_bytes` on the
 "packed" basis, and the exponent and bias bytes exactly :func:`hmqsearch.cost.size.overhead_bytes`.  ``<base>.json`` holds the architecture (a Hydra ``_target_`` and its
-arguments), the QuantSpec, the input shape, the per-layer schemes (as in precision.yaml) and
-the sha256 of the tensor file, so :func:`load_packed` needs nothing else.
+arguments, or null), the QuantSpec, the inputs' structure, the per-layer schemes (as in
+precision.yaml) and the sha256 of the tensor file.  :func:`load_packed` loads into a model the
+caller constructs (``load_packed(path, MyModel())``), or builds it from the ``_target_``.
 """
 
 from __future__ import annotations
@@ -35,12 +39,15 @@ from hmqsearch.errors import UserError
 from hmqsearch.export.deployed import QScheme, dequantize_codes, deployed_layers
 from hmqsearch.export.intpack import pack, packed_size, unpack
 from hmqsearch.export.precision import apply_precision, assignment
+from hmqsearch.inputs import Inputs, named_tensors, rebuild, structure, take
 from hmqsearch.io import atomic_write, write_json
 from hmqsearch.quant.prepare import Pin, QuantModel, QuantSpec, prepare
 
 FORMAT = "hmqsearch-packed"
-VERSION = 1
+VERSION = 2  # 2: the inputs' structure and one example sample (1: a float input_shape only)
+READABLE_VERSIONS = (1, 2)
 EXTRA = "extra/"
+INPUT = "input/"
 
 
 def packed_paths(path: str | Path) -> tuple[Path, Path]:
@@ -89,16 +96,30 @@ def _spec_dict(spec: QuantSpec) -> dict[str, Any]:
     return d
 
 
+def _example_tensors(example: Inputs) -> dict[str, np.ndarray]:
+    return {INPUT + name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in named_tensors(take(example, 1))}
+
+
+def _input_shape(example: Inputs) -> list[int] | None:
+    """One sample's shape when the model takes one float tensor (what version-1 readers use)."""
+    named = named_tensors(example)
+    if len(named) == 1 and named[0][0] == "input" and named[0][1].is_floating_point():
+        return list(named[0][1].shape[1:])
+    return None
+
+
 def save_packed(
-    path: str | Path, qmodel: QuantModel, *, arch: dict[str, Any], spec: QuantSpec, input_shape: tuple[int, ...]
+    path: str | Path, qmodel: QuantModel, *, spec: QuantSpec, example: Inputs, arch: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Write the packed checkpoint of ``qmodel``'s argmax assignment; returns its metadata.
 
-    ``arch``: the network as a Hydra node (``{"_target_": "pkg.module.factory", **kwargs}``),
-    ``spec``: the QuantSpec it was prepared with, ``input_shape``: one sample's shape (C, H, W).
+    ``spec``: the QuantSpec it was prepared with; ``example``: a batch of the model's inputs
+    (its first sample is stored); ``arch``: optionally the network as a Hydra node
+    (``{"_target_": "pkg.module.factory", **kwargs}``), so that the checkpoint loads without
+    the caller constructing the model.
     """
-    if "_target_" not in arch:
-        raise UserError(f"architecture {arch!r} has no _target_; pass the model's Hydra config (model.net)")
+    if arch is not None and "_target_" not in arch:
+        raise UserError(f"architecture {arch!r} has no _target_; pass the model's Hydra config (model.net) or None")
     st_path, json_path = packed_paths(path)
     tensors, per_layer, overhead = _layer_tensors(qmodel)
     packed_bytes = sum(per_layer.values())
@@ -109,14 +130,16 @@ def save_packed(
             f"{expected} + {overhead_bytes(qmodel, 'packed')}"
         )
     extra = _extra_state(qmodel)
-    blob = st_save({**tensors, **extra}, metadata={"format": FORMAT, "metadata": json_path.name})
+    inputs = _example_tensors(example)
+    blob = st_save({**tensors, **extra, **inputs}, metadata={"format": FORMAT, "metadata": json_path.name})
     atomic_write(st_path, lambda p: p.write_bytes(blob))
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "architecture": arch,
         "quant_spec": _spec_dict(spec),
-        "input_shape": list(input_shape),
+        "input_shape": _input_shape(example),
+        "inputs": structure(example),
         "layer_names": list(qmodel.layer_names),
         "folded_batchnorm": [list(p) for p in qmodel.folded],
         "layers": assignment(qmodel),
@@ -124,6 +147,7 @@ def save_packed(
         "per_layer_packed_bytes": per_layer,
         "overhead_bytes": overhead,
         "extra_bytes": sum(v.nbytes for v in extra.values()),
+        "example_bytes": sum(v.nbytes for v in inputs.values()),
         "file_bytes": len(blob),
         "sha256": hashlib.sha256(blob).hexdigest(),
     }
@@ -143,8 +167,10 @@ def read_packed_meta(path: str | Path) -> dict[str, Any]:
         raise UserError(f"packed checkpoint metadata {json_path} is not valid JSON (corrupt or truncated?): {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{json_path} is not a hmqsearch packed checkpoint (format {FORMAT!r} expected)")
-    if meta.get("version") != VERSION:
-        raise UserError(f"{json_path} has version {meta.get('version')!r}; this hmqsearch reads version {VERSION}")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise UserError(
+            f"{json_path} has version {meta.get('version')!r}; this hmqsearch reads versions {list(READABLE_VERSIONS)}"
+        )
     missing = [k for k in ("architecture", "quant_spec", "input_shape", "layers", "layer_names", "sha256") if k not in meta]
     if missing:
         raise UserError(f"packed checkpoint metadata {json_path} lacks {', '.join(missing)}")
@@ -172,36 +198,76 @@ def _tensor(tensors: dict[str, np.ndarray], key: str, st_path: Path) -> np.ndarr
     return tensors[key]
 
 
-def _build(meta: dict[str, Any], source: Path) -> QuantModel:
+def float_input_shape(meta: dict[str, Any]) -> tuple[int, ...]:
+    """One sample's shape for random verification inputs; only a model taking one float tensor has one."""
+    if meta.get("input_shape") is None:
+        raise UserError(
+            f"the packed checkpoint's model takes {meta.get('inputs', {}).get('names')} (not one float tensor): "
+            "random inputs cannot stand in for them; verify on real data (--data-from a run directory)"
+        )
+    return tuple(meta["input_shape"])
+
+
+def _architecture(meta: dict[str, Any], source: Path) -> Any:
     from hydra.utils import instantiate
 
+    arch = meta["architecture"]
+    if not arch:
+        raise UserError(
+            f"{source} was saved without a Hydra architecture (_target_); construct the model and pass it: "
+            "load_packed(path, MyModel(...))"
+        )
     try:
-        net = instantiate(meta["architecture"])
+        return instantiate(arch)
     except Exception as exc:  # noqa: BLE001 - any failure to import or build the target
-        raise UserError(f"{source}: cannot build the architecture {meta['architecture'].get('_target_')!r}: {exc}") from exc
+        raise UserError(f"{source}: cannot build the architecture {arch.get('_target_')!r}: {exc}") from exc
+
+
+def _stored_example(meta: dict[str, Any], tensors: dict[str, np.ndarray], source: Path) -> Inputs:
+    """The example inputs saved with the checkpoint (version 1: a float tensor of ``input_shape``)."""
+    if meta["version"] == 1:
+        return torch.zeros(1, *meta["input_shape"])
+    desc = meta.get("inputs")
+    if not isinstance(desc, dict) or "names" not in desc:
+        raise UserError(f"{source} lacks the inputs' structure ('inputs')")
+    missing = [n for n in desc["names"] if INPUT + n not in tensors]
+    if missing:
+        raise UserError(f"{source}: the tensor file lacks the example inputs {missing}")
+    return rebuild(desc, [torch.from_numpy(tensors[INPUT + n].copy()) for n in desc["names"]])
+
+
+def _build(meta: dict[str, Any], source: Path, net: Any, example: Inputs) -> QuantModel:
     spec_d = dict(meta["quant_spec"])
     spec_d["pins"] = [Pin(**p) for p in spec_d.get("pins", [])]
     try:
         spec = QuantSpec(**spec_d)
     except TypeError as exc:
         raise UserError(f"{source}: quant_spec {meta['quant_spec']!r} is not a QuantSpec ({exc})") from exc
-    qmodel = prepare(net, spec, torch.zeros(1, *meta["input_shape"]))
+    qmodel = prepare(net, spec, example)
     if list(qmodel.layer_names) != list(meta["layer_names"]):
-        raise UserError(f"{source}: the rebuilt {meta['architecture']['_target_']} has other layers than the checkpoint")
+        missing = sorted(set(meta["layer_names"]) - set(qmodel.layer_names))[:5]
+        unknown = sorted(set(qmodel.layer_names) - set(meta["layer_names"]))[:5]
+        raise UserError(
+            f"{source}: the model {type(net).__name__} has other quantized layers than the checkpoint "
+            f"(missing {missing}, not in the checkpoint {unknown})"
+        )
     return qmodel
 
 
 @torch.no_grad()
-def load_packed(path: str | Path) -> QuantModel:
-    """Rebuild the runnable fixed-state quantized model from a packed checkpoint alone.
+def load_packed(path: str | Path, model: torch.nn.Module | None = None, example: Inputs | None = None) -> QuantModel:
+    """Rebuild the runnable fixed-state quantized model from a packed checkpoint.
 
-    The architecture's ``_target_`` is imported and called, as Hydra does with a config:
-    load checkpoints from sources you trust.
+    ``model``: the float network, constructed by the caller (its weights are replaced by the
+    checkpoint's; it is not modified); without it the checkpoint's architecture ``_target_`` is
+    imported and called, as Hydra does with a config: load checkpoints from sources you trust.
+    ``example``: inputs to trace the model with; default the sample stored in the checkpoint.
     """
     st_path, json_path = packed_paths(path)
     meta = read_packed_meta(json_path)
     tensors = _read_tensors(st_path, meta)
-    qmodel = _build(meta, json_path)
+    net = model if model is not None else _architecture(meta, json_path)
+    qmodel = _build(meta, json_path, net, example if example is not None else _stored_example(meta, tensors, json_path))
     apply_precision(qmodel, {"layers": meta["layers"]}, source=str(json_path))
     for name, layer in qmodel.layers():
         if layer.wq.float_pinned:

@@ -37,6 +37,7 @@ from hmqsearch.export.onnx_export import FORMS, export_onnx
 from hmqsearch.export.packed import packed_paths, save_packed
 from hmqsearch.export.precision import apply_precision, read_precision
 from hmqsearch.export.verify import VerificationError, fail_export, first_batch, verify_onnx
+from hmqsearch.inputs import take
 from hmqsearch.io import write_json
 from hmqsearch.quant.prepare import QuantModel, QuantSpec
 
@@ -89,7 +90,7 @@ def export_run(
     loader: Iterable[Any],
     cfg_export: Mapping[str, Any] | None,
     *,
-    arch: Mapping[str, Any],
+    arch: Mapping[str, Any] | None,
     spec: QuantSpec,
     latency_table: LatencyTable | None = None,
 ) -> dict[str, Any]:
@@ -97,8 +98,10 @@ def export_run(
 
     Writes ``model.onnx`` (verified against ``qmodel`` on ``loader``) and
     ``model.packed.safetensors`` + ``model.packed.json``; measures the graph's latency.
-    ``arch`` is the network's Hydra node (``cfg.model.net`` as a dict), ``spec`` its QuantSpec:
-    both go into the packed checkpoint so that it can be loaded alone.  With a measured
+    ``arch`` is the network's Hydra node (``cfg.model.net`` as a dict; None for a model built in
+    Python, which the packed checkpoint's loader then needs), ``spec`` its QuantSpec: both go
+    into the packed checkpoint.  The loader's inputs (a tensor, tuple or dict of tensors) are
+    exported, verified and timed as they are, dtypes kept.  With a measured
     ``latency_table`` the graph is timed at the table's batch and threads and the table's
     prediction for the assignment is reported beside the measurement.
     """
@@ -111,7 +114,6 @@ def export_run(
     qmodel.set_state("fixed")
     qmodel.eval()
     example = first_batch(loader)
-    input_shape = tuple(example.shape[1:])
 
     onnx_path = run_dir / ONNX_NAME
     info = export_onnx(qmodel, onnx_path, example, form=cfg["form"])
@@ -121,9 +123,9 @@ def export_run(
     if not check["passed"]:
         fail_export(onnx_path, check)
 
-    meta = save_packed(run_dir / PACKED_BASE, qmodel, arch=dict(arch), spec=spec, input_shape=input_shape)
+    meta = save_packed(run_dir / PACKED_BASE, qmodel, spec=spec, example=example, arch=None if arch is None else dict(arch))
     timing = dict(batch=cfg["latency_batch"], warmup=cfg["latency_warmup"], repeats=cfg["latency_repeats"], threads=cfg["latency_threads"])
-    latency = measure_graph_latency(onnx_path, input_shape, **timing)
+    latency = measure_graph_latency(onnx_path, example=example, **timing)
     figures: dict[str, Any] = {
         "onnx_path": ONNX_NAME,
         "onnx_form": info.form,
@@ -144,7 +146,7 @@ def export_run(
     if cfg["compare_float"]:
         with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
             float_path = export_onnx(qmodel, Path(tmp) / "float.onnx", example, as_float=True).path
-            figures["measured_float_latency_ms"] = measure_graph_latency(float_path, input_shape, **timing)
+            figures["measured_float_latency_ms"] = measure_graph_latency(float_path, example=example, **timing)
         figures["measured_speedup_vs_float"] = figures["measured_float_latency_ms"] / latency
     if measured_table:
         predicted = exact_total_latency(qmodel, latency_table)
@@ -257,7 +259,7 @@ def load_artifacts(precision_path: Path, checkpoint: Path) -> LoadedRun:
     spec = quant_spec(cfg)
     net = instantiate(cfg.model.net)
     loader = eval_loader(cfg)
-    qmodel = prepare(net, spec, first_batch(loader)[:8])
+    qmodel = prepare(net, spec, take(first_batch(loader), 8))
     try:
         qmodel.load_state_dict(_load_state(checkpoint))
     except RuntimeError as exc:

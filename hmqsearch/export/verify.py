@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from hmqsearch.errors import UserError
+from hmqsearch.inputs import Inputs, batch_size, numpy_feed, run_model, take
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +64,27 @@ def session(path: str | Path, optimized: bool = True, threads: int = 0) -> ort.I
         raise UserError(f"ONNX file {path} cannot be loaded by onnxruntime (corrupt or truncated?): {first}") from exc
 
 
-def _batches(loader: Iterable[Any], max_samples: int | None) -> Iterable[tuple[Tensor, Tensor | None]]:
+def _batches(loader: Iterable[Any], max_samples: int | None) -> Iterable[tuple[Inputs, Tensor | None]]:
     seen = 0
     for batch in loader:
         x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
         if max_samples is not None:
-            x = x[: max_samples - seen]
-            y = None if y is None else y[: len(x)]
-        if len(x) == 0:
+            x = take(x, max_samples - seen)
+            y = None if y is None else y[: batch_size(x)]
+        if batch_size(x) == 0:
             return
-        seen += len(x)
+        seen += batch_size(x)
         yield x, y
+
+
+def graph_feed(sess: ort.InferenceSession, x: Inputs, path: str | Path) -> dict[str, np.ndarray]:
+    """The onnxruntime feed of inputs ``x`` (dtypes kept), for the inputs the graph has."""
+    feed = numpy_feed(x)
+    names = [i.name for i in sess.get_inputs()]
+    missing = [n for n in names if n not in feed]
+    if missing:
+        raise UserError(f"ONNX file {path} takes inputs {names}; the data gives {sorted(feed)}")
+    return {n: feed[n] for n in names}
 
 
 @torch.no_grad()
@@ -87,7 +98,8 @@ def verify_onnx(
 ) -> dict[str, Any]:
     """Compare the graph's logits with ``model``'s (a fixed-state QuantModel) on ``loader``.
 
-    ``loader`` yields ``(inputs, labels)`` or bare inputs.  Returns agreement (% of samples
+    ``loader`` yields ``(inputs, labels)`` or bare inputs; inputs are a tensor, a tuple or a
+    dict of tensors, fed to the graph with their dtypes (:mod:`hmqsearch.inputs`).  Returns agreement (% of samples
     with the same top-1), max / mean absolute logit difference, onnx and torch top-1 accuracy
     (None without labels) and the sample count, for the runtime session and, prefixed
     ``reference_``, for the unoptimized one; ``passed`` says whether the agreements reach
@@ -96,14 +108,13 @@ def verify_onnx(
     was_training = model.training
     model.eval()
     sessions = {"runtime": session(onnx_path), "reference": session(onnx_path, optimized=False)}
-    input_name = sessions["runtime"].get_inputs()[0].name
     stats = {k: {"agree": 0, "max": 0.0, "sum": 0.0, "correct": 0} for k in sessions}
     n = elements = torch_correct = 0
     labelled = True
     try:
         for x, y in _batches(loader, max_samples):
-            ref = model(x).float().cpu().numpy()
-            feed = {input_name: x.detach().float().cpu().numpy()}
+            ref = run_model(model, x).float().cpu().numpy()
+            feed = graph_feed(sessions["runtime"], x, onnx_path)
             for key, sess in sessions.items():
                 out = _run(sess, feed, onnx_path)
                 diff = np.abs(out.astype(np.float64) - ref)
@@ -117,7 +128,7 @@ def verify_onnx(
                 labelled = False
             else:
                 torch_correct += int((ref.argmax(1) == y.numpy()).sum())
-            n += len(x)
+            n += batch_size(x)
             elements += ref.size
     finally:
         model.train(was_training)
@@ -180,7 +191,7 @@ def random_loader(input_shape: tuple[int, ...], samples: int, batch: int = 64, s
     return [torch.randn(min(batch, samples - i), *input_shape, generator=g) for i in range(0, samples, batch)]
 
 
-def first_batch(loader: Iterable[Any]) -> Tensor:
+def first_batch(loader: Iterable[Any]) -> Inputs:
     batch = next(iter(itertools.islice(loader, 1)), None)
     if batch is None:
         raise UserError("the data loader is empty")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from hmqsearch.inputs import Inputs, run_model
 from hmqsearch.lit.distill import Distiller
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -36,8 +37,9 @@ class ClassifierModule(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+    def forward(self, x: Inputs) -> Tensor:
+        """The model's logits on inputs ``x`` (a tensor, tuple or dict of tensors: :mod:`hmqsearch.inputs`)."""
+        return run_model(self.model, x)
 
     def task_loss(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hmqsearch.errors import UserError
+from hmqsearch.inputs import Inputs, device_of, run_model
 
 STAGES = ("search", "finetune")
 
@@ -52,13 +53,13 @@ class Distiller:
         self.alpha, self.temperature = alpha, temperature
 
     @torch.no_grad()
-    def teacher_logits(self, x: Tensor) -> Tensor:
+    def teacher_logits(self, x: Inputs) -> Tensor:
         first = next(self._teacher.parameters(), None)
-        if first is not None and first.device != x.device:
-            self._teacher.to(x.device)
-        return self._teacher(x)
+        if first is not None and first.device != device_of(x):
+            self._teacher.to(device_of(x))
+        return run_model(self._teacher, x)
 
-    def loss(self, student_logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    def loss(self, student_logits: Tensor, x: Inputs, y: Tensor) -> Tensor:
         t = self.temperature
         soft = F.kl_div(
             F.log_softmax(student_logits / t, dim=1), F.log_softmax(self.teacher_logits(x) / t, dim=1),

@@ -11,9 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from hmqsearch.errors import RunHalted
+from hmqsearch.inputs import Inputs, run_model
 
 
-def first_nonfinite_layer(model: nn.Module, inputs: Tensor) -> str | None:
+def first_nonfinite_layer(model: nn.Module, inputs: Inputs) -> str | None:
     """Re-run ``inputs`` through ``model`` and return the first leaf module (in execution order)
     whose output holds a NaN or an infinity."""
     found: list[str] = []
@@ -28,7 +29,7 @@ def first_nonfinite_layer(model: nn.Module, inputs: Tensor) -> str | None:
     handles = [m.register_forward_hook(check(n)) for n, m in leaves]
     try:
         with torch.no_grad():
-            model(inputs)
+            run_model(model, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -57,7 +58,7 @@ class NonFiniteGuard(Callback):
 
     def __init__(self, stage: str, checkpoint_dir: str) -> None:
         self.stage, self.checkpoint_dir = stage, checkpoint_dir
-        self._inputs: Tensor | None = None
+        self._inputs: Inputs | None = None
         self._loss_problem: tuple[str, str | None] | None = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:

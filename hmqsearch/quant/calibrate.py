@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from hmqsearch.errors import UserError
+from hmqsearch.inputs import Inputs, run_model, to_device
 from hmqsearch.quant.calibration import RangeObserver
 from hmqsearch.quant.prepare import QuantModel
 
@@ -27,21 +28,22 @@ def _observe_input(obs: RangeObserver, samples: list[Tensor], generator: torch.G
 
 @torch.no_grad()
 def calibrate_activations(
-    qmodel: QuantModel, batches: Sequence[Tensor], method: str = "max", percentile: float = 99.99
+    qmodel: QuantModel, batches: Sequence[Inputs], method: str = "max", percentile: float = 99.99
 ) -> dict[str, float]:
     """Observe each layer's input on float forwards and centre its threshold grid on the range.
 
     An input that is never negative on the calibration data gets an unsigned grid (one more
     bit of resolution, as after a ReLU).  Each bit-width's lowest-MSE threshold on a sample
     of the inputs becomes that row's preferred threshold in the initial logits.  Returns the
-    calibrated range per layer.
+    calibrated range per layer (layers whose input holds indices, embeddings, have none).
     """
-    observers = {name: RangeObserver() for name, _ in qmodel.layers()}
-    samples: dict[str, list[Tensor]] = {name: [] for name, _ in qmodel.layers()}
+    layers = [(name, layer) for name, layer in qmodel.layers() if layer.quantizes_input]
+    observers = {name: RangeObserver() for name, _ in layers}
+    samples: dict[str, list[Tensor]] = {name: [] for name, _ in layers}
     gen = torch.Generator().manual_seed(0)
     handles = [
         layer.register_forward_pre_hook(_observe_input(observers[name], samples[name], gen))
-        for name, layer in qmodel.layers()
+        for name, layer in layers
     ]
     states = {id(q): q.state for _, q in qmodel.quantizers()}
     was_training = qmodel.training
@@ -49,7 +51,7 @@ def calibrate_activations(
     device = next(qmodel.parameters()).device
     try:
         for x in batches:
-            qmodel(x.to(device))
+            run_model(qmodel, to_device(x, device))
     finally:
         for h in handles:
             h.remove()
@@ -57,7 +59,7 @@ def calibrate_activations(
             q.state = states[id(q)]
         qmodel.train(was_training)
     ranges = {}
-    for name, layer in qmodel.layers():
+    for name, layer in layers:
         obs = observers[name]
         bits = int(layer.aq.bits.max())
         layer.aq.signed = obs.signed

@@ -11,10 +11,10 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-_FOLDABLE = {nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
+_FOLDABLE = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
 
 
-def _fold_into(layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | nn.BatchNorm1d) -> None:
+def _fold_into(layer: nn.Conv1d | nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | nn.BatchNorm1d) -> None:
     """w' = w * g / sqrt(v + eps) per output channel; b' = beta + (b - mean) * g / sqrt(v + eps)."""
     with torch.no_grad():
         gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
@@ -71,8 +71,11 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
     """Fold every BN that only ever follows one conv/linear (and vice versa) into it, in place.
 
     Returns the (layer, batch norm) name pairs that were folded.  A model that
-    ``torch.fx`` cannot trace keeps its batch norms (a warning says so).
+    ``torch.fx`` cannot trace keeps its batch norms (a warning says so); a model without
+    batch norm is not traced at all.
     """
+    if not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules()):
+        return []
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as exc:  # noqa: BLE001 - any tracing failure means "cannot fold safely"

@@ -1,4 +1,5 @@
-"""Conv2d and Linear layers that carry an HMQ weight quantizer and an HMQ input quantizer."""
+"""Conv1d, Conv2d and Linear layers that carry an HMQ weight quantizer and an HMQ input quantizer,
+and Embedding layers that carry a weight quantizer (their input is integer indices)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ class QuantLayerMixin:
     """Shared behaviour of quantized layers: the two quantizers and the shape record."""
 
     wq: HMQQuantizer
-    aq: HMQQuantizer
+    aq: HMQQuantizer  # pinned to float where the input is not quantized (embeddings)
     weight: nn.Parameter
     shape: LayerShape
+    quantizes_input = True  # False: the input holds indices, not values (embeddings)
 
     def _init_quantizers(self, weight_q: HMQQuantizer, act_q: HMQQuantizer) -> None:
         self.wq = weight_q
@@ -43,6 +45,10 @@ class QuantLayerMixin:
     @property
     def out_channels_count(self) -> int:
         return self.weight.shape[0]
+
+    def weights_read(self) -> int:
+        """Weights one sample's forward reads (the latency model's memory traffic)."""
+        return self.weight.numel()
 
     def quantized_weight(self) -> Tensor:
         return self.wq(self.weight)
@@ -90,6 +96,66 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self._conv_forward(self.aq(x), self.quantized_weight(), self.effective_bias())
+        if self.recording:
+            self._record(x, out)
+        return out
+
+
+class QuantConv1d(QuantLayerMixin, nn.Conv1d):
+    """``nn.Conv1d`` whose weight and input go through HMQ quantizers (grouped/depthwise too)."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv1d, weight_q: HMQQuantizer, act_q: HMQQuantizer) -> "QuantConv1d":
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+            device=conv.weight.device, dtype=conv.weight.dtype,
+        )
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        layer._init_quantizers(weight_q, act_q)
+        return layer
+
+    def _macs_per_output(self) -> int:
+        return (self.in_channels // self.groups) * self.kernel_size[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self._conv_forward(self.aq(x), self.quantized_weight(), self.effective_bias())
+        if self.recording:
+            self._record(x, out)
+        return out
+
+
+class QuantEmbedding(QuantLayerMixin, nn.Embedding):
+    """``nn.Embedding`` whose table goes through an HMQ weight quantizer (one scale per row).
+
+    Its input holds indices: ``aq`` is pinned to float and never applied.  Deployed as a
+    Gather from the dequantized integer table.
+    """
+
+    quantizes_input = False
+    bias = None
+
+    @classmethod
+    def from_float(cls, emb: nn.Embedding, weight_q: HMQQuantizer, act_q: HMQQuantizer) -> "QuantEmbedding":
+        layer = cls(
+            emb.num_embeddings, emb.embedding_dim, emb.padding_idx, emb.max_norm, emb.norm_type,
+            emb.scale_grad_by_freq, emb.sparse, device=emb.weight.device, dtype=emb.weight.dtype,
+        )
+        layer.weight = emb.weight
+        layer._init_quantizers(weight_q, act_q)
+        return layer
+
+    def weights_read(self) -> int:
+        return self.shape.out_elements  # the rows gathered, not the whole table
+
+    def _macs_per_output(self) -> int:
+        return 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.embedding(
+            x, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
         if self.recording:
             self._record(x, out)
         return out

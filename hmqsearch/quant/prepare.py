@@ -1,10 +1,21 @@
-"""Turn an ordinary ``nn.Module`` into one whose Conv2d / Linear layers carry HMQ quantizers."""
+"""Turn an ordinary ``nn.Module`` into one whose layers carry HMQ quantizers.
+
+Quantized: ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Linear`` (weights and inputs), ``nn.Embedding``
+(weights only, candidates ``QuantSpec.embedding_bits``), and their subclasses that keep the
+base class's ``forward`` and hold nothing but a weight and a bias; ``nn.MultiheadAttention`` is
+rewritten into plain modules first (:mod:`hmqsearch.quant.attention`), so its packed q/k/v
+projection and its output projection are quantized Linear layers.  Every other parameter tensor
+stays float and is listed, with the reason, by :meth:`QuantModel.float_parameters`.
+A layer called more than once keeps one weight quantizer and one input quantizer shared by
+all its call sites.
+"""
 
 from __future__ import annotations
 
 import copy
 import fnmatch
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -12,13 +23,23 @@ import torch
 from torch import Tensor, nn
 
 from hmqsearch.errors import UserError
+from hmqsearch.inputs import Inputs, logits_of, run_model
+from hmqsearch.quant.attention import DecomposedAttention, fastpath_disabled, unsupported_reason
+from hmqsearch.quant.calibration import MIN_RANGE
 from hmqsearch.quant.fold import _replace_module, fold_batchnorm
 from hmqsearch.quant.hmq import MODES, HMQQuantizer, State
-from hmqsearch.quant.layers import QuantConv2d, QuantLinear
+from hmqsearch.quant.layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
 
 log = logging.getLogger(__name__)
 
-QuantLayer = QuantConv2d | QuantLinear
+QuantLayer = QuantConv1d | QuantConv2d | QuantLinear | QuantEmbedding
+
+# base type -> quantized type; a subclass of a base is matched through isinstance
+_QUANT_TYPES: dict[type, type] = {
+    nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear, nn.Embedding: QuantEmbedding,
+}
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, *([nn.RMSNorm] if hasattr(nn, "RMSNorm") else []))
+FLOAT_PARAM_BYTES = 4
 
 
 @dataclass
@@ -40,6 +61,7 @@ class QuantSpec:
 
     weight_bits: Sequence[int] = (2, 4, 8)
     act_bits: Sequence[int] = (4, 8)
+    embedding_bits: Sequence[int] | None = None  # nn.Embedding tables; None: weight_bits
     n_thresholds: int = 8
     weight_per_channel: bool = True
     mode: str = "expected"
@@ -49,7 +71,10 @@ class QuantSpec:
     init_mass: float = 0.95  # initial probability of the start candidate (warm_start.py)
 
     def validate(self) -> None:
-        for name, bits in (("search.weight_bits", self.weight_bits), ("search.act_bits", self.act_bits)):
+        named = [("search.weight_bits", self.weight_bits), ("search.act_bits", self.act_bits)]
+        if self.embedding_bits is not None:
+            named.append(("search.embedding_bits", self.embedding_bits))
+        for name, bits in named:
             if len(bits) == 0:
                 raise UserError(f"{name} is empty; give at least one bit-width in 1..8, e.g. {name}=[4,8]")
             bad = [b for b in bits if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 8]
@@ -73,17 +98,41 @@ class QuantSpec:
                     )
 
 
-class QuantModel(nn.Module):
-    """A prepared network plus the ordered list of its quantized layers."""
+@dataclass
+class FloatTensor:
+    """A parameter tensor of the prepared network that stays float, and why."""
 
-    def __init__(self, net: nn.Module, layer_names: list[str], folded: list[tuple[str, str]]):
+    name: str
+    numel: int
+    reason: str
+
+
+class QuantModel(nn.Module):
+    """A prepared network plus the ordered list of its quantized layers.
+
+    Called like the network (``qmodel(x)``, ``qmodel(*x)``, ``qmodel(**x)``) it returns the
+    logits, with PyTorch's fused attention fast path off so that every quantizer runs.
+    ``float_reasons``: why a module's parameters stay float, by module name;
+    ``model_float_bytes``: the original model's parameters at 32 bits (the whole-model reference);
+    ``spec``: the QuantSpec :func:`prepare` used.
+    """
+
+    spec: QuantSpec
+
+    def __init__(
+        self, net: nn.Module, layer_names: list[str], folded: list[tuple[str, str]],
+        float_reasons: dict[str, str] | None = None, model_float_bytes: int | None = None,
+    ):
         super().__init__()
         self.net = net
         self.layer_names = layer_names
         self.folded = folded
+        self.float_reasons = dict(float_reasons or {})
+        self.model_float_bytes = model_float_bytes if model_float_bytes is not None else parameter_bytes(net)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def forward(self, *args: object, **kwargs: object) -> Tensor:
+        with fastpath_disabled():
+            return logits_of(self.net(*args, **kwargs))
 
     def layers(self) -> Iterator[tuple[str, QuantLayer]]:
         """Quantized layers in first-execution order, with their stable names."""
@@ -114,15 +163,116 @@ class QuantModel(nn.Module):
         logit_ids = {id(p) for p in self.logit_parameters()}
         return [p for p in self.parameters() if id(p) not in logit_ids]
 
+    def float_parameters(self) -> list[FloatTensor]:
+        """Every parameter tensor of the network that is not a quantized weight, with the reason."""
+        layers = dict(self.layers())
+        quantizer_ids = {id(p) for _, q in self.quantizers() for p in q.parameters()}
+        out = []
+        for pname, p in self.net.named_parameters():
+            if id(p) in quantizer_ids:
+                continue
+            owner, _, leaf = pname.rpartition(".")
+            layer = layers.get(owner)
+            if layer is not None:
+                if leaf == "weight" and not layer.wq.float_pinned:
+                    continue
+                reason = (
+                    "weights pinned to float (search.pins)" if leaf == "weight"
+                    else "bias of a quantized layer (32-bit, on its accumulator grid)"
+                )
+            else:
+                reason = self._module_reason(owner)
+            out.append(FloatTensor(pname, p.numel(), reason))
+        return out
 
-def _named_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [
-        (name, m) for name, m in model.named_modules()
-        if type(m) in (nn.Conv2d, nn.Linear)
-    ]
+    def _module_reason(self, owner: str) -> str:
+        path = owner
+        while True:
+            if path in self.float_reasons:
+                return self.float_reasons[path]
+            if not path:
+                break
+            path = path.rpartition(".")[0]
+        module = self.net.get_submodule(owner)
+        if isinstance(module, _NORMS):
+            return f"normalization ({type(module).__name__}) parameter, kept in float"
+        return (
+            f"parameter of {type(module).__name__} used by its own forward "
+            "(not a Conv1d/Conv2d/Linear/Embedding weight)"
+        )
 
 
-def _execution_order(model: nn.Module, layers: list[nn.Module], example: Tensor) -> list[int]:
+def parameter_bytes(model: nn.Module) -> int:
+    """float32 bytes of ``model``'s parameters (a tensor shared by several modules counted once)."""
+    return FLOAT_PARAM_BYTES * sum(p.numel() for p in model.parameters())
+
+
+def _base_type(m: nn.Module) -> type | None:
+    return next((base for base in _QUANT_TYPES if isinstance(m, base)), None)
+
+
+def _not_quantizable(m: nn.Module, base: type) -> str | None:
+    """Why a module of a quantizable base type is left float, or None."""
+    kind = type(m).__name__
+    if type(m).forward is not base.forward:
+        return f"{kind} overrides {base.__name__}.forward, so its computation is not known to hmqsearch"
+    extra = sorted({n for n, _ in m.named_parameters(recurse=False)} - {"weight", "bias"})
+    if extra or any(True for _ in m.children()):
+        return f"{kind} holds more than a weight and a bias ({', '.join(extra) or 'child modules'})"
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.padding_mode != "zeros":
+        return f"{kind} with padding_mode={m.padding_mode!r} cannot be exported (only 'zeros')"
+    if isinstance(m, nn.Embedding) and m.max_norm is not None:
+        return f"{kind} with max_norm renormalises its table in place"
+    return None
+
+
+def _decompose_attention(net: nn.Module, reasons: dict[str, str]) -> None:
+    """Replace every supported nn.MultiheadAttention by a DecomposedAttention (in place)."""
+    for name, m in list(net.named_modules()):
+        if not isinstance(m, nn.MultiheadAttention):
+            continue
+        reason = unsupported_reason(m)
+        if type(m).forward is not nn.MultiheadAttention.forward:
+            reason = f"{type(m).__name__} overrides nn.MultiheadAttention.forward"
+        if reason is not None:
+            reasons[name] = reason
+            continue
+        _replace_module(net, m, DecomposedAttention(m))
+
+
+def _candidates(net: nn.Module, reasons: dict[str, str]) -> list[tuple[str, nn.Module]]:
+    """The layers to quantize; the others of a quantizable type get a reason."""
+    out = []
+    for name, m in net.named_modules():
+        base = _base_type(m)
+        if base is None or any(name.startswith(f"{r}.") for r in reasons):
+            continue
+        reason = _not_quantizable(m, base)
+        if reason is None:
+            out.append((name, m))
+        else:
+            reasons[name] = reason
+    return out
+
+
+def _check_untied(net: nn.Module, named: list[tuple[str, nn.Module]]) -> None:
+    """Refuse a layer whose weight is also a parameter of another module (tied weights)."""
+    owners: dict[int, list[str]] = {}
+    for mname, m in net.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+    for name, layer in named:
+        names = owners[id(layer.weight)]
+        if len(names) > 1:
+            others = [n for n in names if n != f"{name}.weight"]
+            raise UserError(
+                f"{name}.weight is the same tensor as {', '.join(others)} (tied weights); hmqsearch quantizes each "
+                f"layer's weight on its own: untie them first, e.g. model.{name}.weight = "
+                f"nn.Parameter(model.{name}.weight.detach().clone())"
+            )
+
+
+def _execution_order(model: nn.Module, layers: list[nn.Module], example: Inputs) -> list[int]:
     order: list[int] = []
     ids = {id(m): i for i, m in enumerate(layers)}
     handles = [
@@ -130,8 +280,8 @@ def _execution_order(model: nn.Module, layers: list[nn.Module], example: Tensor)
         for m in layers
     ]
     try:
-        with torch.no_grad():
-            model(example)
+        with torch.no_grad(), fastpath_disabled():
+            run_model(model, example)
     finally:
         for h in handles:
             h.remove()
@@ -160,47 +310,70 @@ def _make_quantizer(
     return q
 
 
-def prepare(model: nn.Module, spec: QuantSpec, example_input: Tensor) -> QuantModel:
-    """Return a copy of ``model`` with BN folded and every Conv2d / Linear quantized.
+def prepare(model: nn.Module, spec: QuantSpec, example_input: Inputs) -> QuantModel:
+    """Return a copy of ``model`` with BN folded and every supported layer quantized.
 
-    ``example_input`` (a small batch) is run once to find the execution order (the first
-    layer is the first one called) and each layer's per-sample work for the cost models.
+    ``example_input`` (a small batch: a tensor, a tuple or a dict of tensors, see
+    :mod:`hmqsearch.inputs`) is run once to find the execution order (the first layer is the
+    first one called) and each layer's per-sample work for the cost models.
     """
     spec.validate()
     net = copy.deepcopy(model).eval()
     folded = fold_batchnorm(net) if spec.fold_bn else []
-    named = _named_layers(net)
+    reasons: dict[str, str] = {}
+    _decompose_attention(net, reasons)
+    named = _candidates(net, reasons)
     if not named:
-        raise UserError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize")
+        raise UserError(f"{type(model).__name__} has no Conv1d, Conv2d, Linear or Embedding layer to quantize")
+    _check_untied(net, named)
     order = _execution_order(net, [m for _, m in named], example_input)
     unused = [named[i][0] for i in range(len(named)) if i not in order]
     if unused:
         log.warning("layers never called in a forward pass are left in float: %s", ", ".join(unused))
+        reasons.update({name: "layer never called in the example forward pass" for name in unused})
     names: list[str] = []
-    for rank, idx in enumerate(order):
+    first_input = next((named[i][0] for i in order if not isinstance(named[i][1], nn.Embedding)), None)
+    for idx in order:
         name, layer = named[idx]
-        wpin, apin = _resolve_pin(name, spec, is_first=rank == 0)
+        is_embedding = isinstance(layer, nn.Embedding)
+        wpin, apin = _resolve_pin(name, spec, is_first=name == first_input)
         axis = 0 if spec.weight_per_channel else None
         channels = layer.weight.shape[0] if spec.weight_per_channel else 1
-        wq = _make_quantizer(wpin, spec.weight_bits, spec, channels=channels, axis=axis)
-        aq = _make_quantizer(apin, spec.act_bits, spec, channels=1, axis=None)
-        cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-        qlayer = cls.from_float(layer, wq, aq)
+        wbits = spec.embedding_bits if is_embedding and spec.embedding_bits is not None else spec.weight_bits
+        wq = _make_quantizer(wpin, wbits, spec, channels=channels, axis=axis)
+        aq = _make_quantizer("float" if is_embedding else apin, spec.act_bits, spec, channels=1, axis=None)
+        qlayer = _QUANT_TYPES[_base_type(layer)].from_float(layer, wq, aq)
         qlayer.wq.set_range(_weight_range(qlayer.weight, spec.weight_per_channel))
         qlayer.wq.init_from_data(qlayer.weight.detach())
         _replace_module(net, layer, qlayer)
         names.append(name)
-    qmodel = QuantModel(net, names, folded).eval()
+    qmodel = QuantModel(net, names, folded, reasons, parameter_bytes(model)).eval()
+    qmodel.spec = spec
     record_shapes(qmodel, example_input)
+    _log_float_parameters(qmodel)
     return qmodel
 
 
+def _log_float_parameters(qmodel: QuantModel) -> None:
+    tensors = qmodel.float_parameters()
+    by_reason: Counter[str] = Counter()
+    count: Counter[str] = Counter()
+    for t in tensors:
+        by_reason[t.reason] += t.numel
+        count[t.reason] += 1
+    for reason, numel in by_reason.most_common():
+        log.info("float parameters: %d tensor(s), %d values: %s", count[reason], numel, reason)
+
+
 def _weight_range(w: Tensor, per_channel: bool) -> Tensor:
+    """Per-channel (or whole-tensor) max |w|, at least MIN_RANGE (an all-zero row, e.g. an
+    embedding's padding row, keeps its threshold exponents within an int8)."""
     w = w.detach()
-    return w.abs().reshape(w.shape[0], -1).amax(1) if per_channel else w.abs().max().reshape(1)
+    r = w.abs().reshape(w.shape[0], -1).amax(1) if per_channel else w.abs().max().reshape(1)
+    return r.clamp(min=MIN_RANGE)
 
 
-def record_shapes(qmodel: QuantModel, example_input: Tensor) -> None:
+def record_shapes(qmodel: QuantModel, example_input: Inputs) -> None:
     """Record each layer's per-sample MACs and activation sizes with one float forward."""
     layers = [layer for _, layer in qmodel.layers()]
     states = {id(q): q.state for _, q in qmodel.quantizers()}
@@ -210,7 +383,7 @@ def record_shapes(qmodel: QuantModel, example_input: Tensor) -> None:
     qmodel.set_state("float")
     try:
         with torch.no_grad():
-            qmodel(example_input)
+            run_model(qmodel, example_input)
     finally:
         for layer in layers:
             layer.recording = False

@@ -31,9 +31,14 @@ def print_final_table(qmodel: QuantModel, summary: dict[str, Any], layer_bytes: 
     result.add_column("quantity")
     result.add_column("value", justify="right")
     budget = summary.get("budget_weight_bytes")
-    result.add_row("weight bytes (packed)", f"{summary['weight_bytes_packed']:,}"
-                   + (f" / budget {budget:,.0f}" if budget is not None else ""))
-    result.add_row("compression vs float32", f"{summary['compression_packed']:.2f}x")
+    whole_model = summary.get("budget_scope", "layers") == "model" and "model_bytes_packed" in summary
+    layer_budget = "" if budget is None or whole_model else f" / budget {budget:,.0f}"
+    result.add_row("weight bytes (packed)", f"{summary['weight_bytes_packed']:,}{layer_budget}")
+    result.add_row("compression vs float32 (quantized layers)", f"{summary['compression_packed']:.2f}x")
+    if "model_bytes_packed" in summary:
+        model_budget = f" / budget {budget:,.0f}" if budget is not None and whole_model else ""
+        result.add_row("model parameter bytes (packed)", f"{summary['model_bytes_packed']:,}{model_budget}")
+        result.add_row("compression vs float32 (whole model)", f"{summary['compression_model']:.2f}x")
     if summary.get("expected_latency") is not None:
         budget_ms = summary.get("budget_latency_ms")
         result.add_row(f"latency ({summary['latency_model']})", f"{summary['exact_latency']:.4g} ms"
