@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
+from hmqsearch.constrained.constraints import enforce_on
+from hmqsearch.constrained.ramp import RampSpec
 from hmqsearch.constrained.repair import RepairStep, fill, repair
 from hmqsearch.constrained.warm_start import warm_start
 from hmqsearch.cost import model_size, size
@@ -136,14 +138,19 @@ def search(
     logit_lr: float = 0.02,
     dual_lr: float = 0.1,
     tau: tuple[float, float] = (1.0, 0.1),
-    start: str = "feasible_uniform",
+    start: str = "highest",
+    ramp: RampSpec = RampSpec(),
+    enforce: str = "argmax",
     fill_budget: bool = True,
     bn_batches: int = 20,
     progress: bool = False,
     accelerator: str = "cpu",
 ) -> SearchReport:
     """Search bit-widths under ``budget`` (default 8x the whole model), then repair and fill the
-    argmax against the exact budgets; leaves ``qmodel`` in the fixed state.  Calibrate first."""
+    argmax against the exact budgets; leaves ``qmodel`` in the fixed state.  Calibrate first.
+
+    The defaults are ``train.py``'s (``conf/search/default.yaml``): from the highest precision,
+    the bounds ramped to the budgets (``ramp``), the duals enforcing the argmax's cost too."""
     budget = budget or BudgetSpec()
     if budget.latency_ms is not None:
         raise UserError("the Python API's search takes weight budgets; budget.latency_ms needs train.py's latency models")
@@ -152,9 +159,11 @@ def search(
     calib = [_inputs_of(b) for b in itertools.islice(loader, 4)] if start == "sensitivity" else None
     warm_start(qmodel, constraints, start, calib, progress)
     qmodel.set_state("search")
+    ramp.validate()
+    enforce_on(constraints, qmodel, enforce)
     module = SearchModule(
         qmodel, _num_classes(qmodel, example), torch.optim.Adam, lr, logit_lr=logit_lr, constraints=constraints,
-        dual_lr=dual_lr, tau_start=tau[0], tau_end=tau[1],
+        dual_lr=dual_lr, tau_start=tau[0], tau_end=tau[1], ramp=ramp,
     )
     _fit(module, loader, epochs, progress, accelerator)
     qmodel.set_state("fixed")

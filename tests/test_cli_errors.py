@@ -217,8 +217,9 @@ def test_bad_input_through_a_real_subprocess(tmp_path, overrides, message):
 
 @pytest.fixture
 def run_over_budget(tmp_path) -> Path:
-    """A finished run's directory whose precision.yaml was edited past the run's 8x budget: every
-    weight at 4 bits (exactly the budget, 3,608 bytes packed) but one layer raised to 5 bits."""
+    """A finished run's directory whose precision.yaml was edited past the run's 8x budget on the
+    quantized layers: every weight at 4 bits (exactly the budget, 3,608 bytes packed) but one
+    layer raised to 5 bits."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -232,7 +233,7 @@ def run_over_budget(tmp_path) -> Path:
     run_dir.mkdir()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["logger=none"])
+        cfg = compose("train", overrides=["logger=none", "budget.scope=layers"])
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     calib = datamodule.calibration_batches(1)
@@ -258,7 +259,7 @@ def test_export_over_budget_refuses_unless_allowed(tmp_path, run_over_budget, tr
     code, output = _run_in_process(train_entry, argv, capsys, monkeypatch)
     assert code == USER_ERROR, output[-2000:]
     # block_conv1 holds 16 x 16 x 3 x 3 = 2,304 weights: one more bit each is 288 bytes over 3,608
-    assert (f"{run_over_budget / 'precision.yaml'} breaks the run's budget: weight_bytes 3,896 bytes (packed) "
+    assert (f"{run_over_budget / 'precision.yaml'} breaks the run's budget: weight_bytes 3,896 bytes (packed, quantized layers) "
             "against its budget 3,608; allowed: an assignment within the budgets, or export.allow_over_budget=true") in output
     assert "Traceback" not in output and not log_dir.exists()
     assert _snapshot(run_over_budget) == before  # no model.onnx, no packed checkpoint, nothing changed
