@@ -176,7 +176,7 @@ def test_captured_step_equals_the_eager_step_on_gpu(eager_random: None, mode: st
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_captured_search_step_does_not_synchronise() -> None:
-    from tests.test_gpu_step import host_reads
+    from test_gpu_step import host_reads  # tests/ is on sys.path (pytest prepend import mode)
 
     torch.manual_seed(0)
     run = Run(resnet20(), torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,)), torch.device("cuda"))

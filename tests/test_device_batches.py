@@ -179,3 +179,14 @@ def test_auto_cuts_batches_on_a_single_gpu_trainer() -> None:
     trainer.fit(module, datamodule=dm)
     batches = dm.train_dataloader()
     assert isinstance(batches, DeviceBatches) and batches.images.is_cuda
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_gpu_batch_is_cut_without_waiting_for_the_gpu(npz_root: Path) -> None:
+    from test_gpu_step import host_reads  # tests/ is on sys.path (pytest prepend import mode)
+
+    dm = cifar(npz_root, True)
+    batches = iter(DeviceBatches(in_memory(dm.train_set), 32, dm._train_sampler(), torch.device("cuda")))
+    next(batches)  # the epoch's order and crops go to the GPU once, at its start
+    assert host_reads(lambda: next(batches)) == []
