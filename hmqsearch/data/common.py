@@ -184,11 +184,13 @@ class ClassificationDataModule(pl.LightningDataModule):
             if self._device_batches is None or self._device_batches.device != device:
                 self._device_batches = DeviceBatches(data, self.batch_size, sampler, device)
             self._device_batches.sampler = sampler
-            self._announce("training batches: %d images held on %s, crop/flip on the device, no loader workers "
-                           "(data.device_loader=%s)", len(data.labels), device, self.device_loader)
+            augmented = data.pixels is not None and data.pixels.augment
+            self._announce("training batches: %d images held on %s, cut%s there, no loader workers "
+                           "(data.device_loader=%s)", len(data.labels), device, " and cropped/flipped" if augmented else "",
+                           str(self.device_loader).lower())
             return self._device_batches
         self._announce("training batches: DataLoader with %d worker(s) (data.device_loader=%s%s)", self.num_workers,
-                       self.device_loader, "" if self.in_memory else "; images are read from files")
+                       str(self.device_loader).lower(), "" if self.in_memory else "; images are read from files")
         return DataLoader(
             self.train_set, batch_size=self.batch_size, sampler=sampler, generator=sampler.generator,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
