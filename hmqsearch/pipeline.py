@@ -36,6 +36,7 @@ from hmqsearch.export.precision import write_precision
 from hmqsearch.export.stage import export_config, export_into_summary, export_run
 from hmqsearch.inputs import Inputs, named_tensors, run_model, take, to_device
 from hmqsearch.io import atomic_write, write_json
+from hmqsearch.lit.capture import capture_forward, check_capture
 from hmqsearch.lit.checkpointing import LAST
 from hmqsearch.lit.classifier import ClassifierModule
 from hmqsearch.lit.distill import DistillSpec, Distiller
@@ -43,6 +44,7 @@ from hmqsearch.lit.ddp import is_rank_zero, rank_disagreement, world_size
 from hmqsearch.lit.device import on_device, stage_device
 from hmqsearch.lit.search import SearchModule
 from hmqsearch.lit.trainer import RunLoggers, make_trainer
+from hmqsearch.lr_scaling import scale_learning_rates
 from hmqsearch.models.fit import describe_misfit
 from hmqsearch.models.pretrained import load_pretrained
 from hmqsearch.quant.batch_norm import reestimate_batch_norm
@@ -197,6 +199,7 @@ def _fit(ctx: Context, module: pl.LightningModule, stage: str, monitor: str | No
         monitor, cfg.callbacks.progress_bar, cfg.callbacks.checkpoint_every_n_steps,
     )
     module.train()  # prepared models come back in eval mode; Lightning keeps the mode it finds
+    capture_forward(module, cfg.get("step_capture", "none"))
     # Our own checkpoints hold the numpy RNG state, which torch's weights-only loader refuses.
     trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=plan.checkpoint, weights_only=False)
     best = trainer.checkpoint_callback.best_model_path if monitor else ""
@@ -284,6 +287,7 @@ def _costs(qmodel: QuantModel, budgets: BudgetSpec, table: lat.LatencyTable | No
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run every stage and write ``precision.yaml`` and ``summary.json`` into ``run_dir``."""
     started = time.time()
+    cfg = scale_learning_rates(cfg)
     method = run_method(cfg)
     spec, budgets = quant_spec(cfg), budget_spec(cfg)
     proximity_spec(cfg)
@@ -295,6 +299,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     _check_counts(cfg)
     export_config(OmegaConf.to_container(cfg.export, resolve=True))  # export options checked before training
     device = stage_device(cfg.trainer)
+    check_capture(cfg.get("step_capture", "none"), device)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = _instantiate(cfg.data)
     datamodule.setup("fit")

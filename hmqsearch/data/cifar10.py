@@ -142,8 +142,9 @@ class CIFAR10DataModule(ClassificationDataModule):
         train_subset: int | None = None,
         test_subset: int | None = None,
         download: bool = False,
+        device_loader: str | bool = "auto",
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, seed, num_workers)
+        super().__init__(batch_size, eval_batch_size, seed, num_workers, device_loader)
         check_normalisation(mean, std, 3)
         # Exact upper bounds are checked in setup(), once the data's size is known.
         for name, value in (("val_size", val_size), ("train_subset", train_subset), ("test_subset", test_subset)):

@@ -34,8 +34,9 @@ class DigitsDataModule(ClassificationDataModule):
         test_size: int = 360,
         seed: int = 0,
         num_workers: int = 0,
+        device_loader: str | bool = "auto",
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, seed, num_workers)
+        super().__init__(batch_size, eval_batch_size, seed, num_workers, device_loader)
         # A stratified split needs at least one sample per class on every side.
         check_count("data.val_size", val_size, N_CLASSES, N_DIGITS - 2 * N_CLASSES)
         check_count("data.test_size", test_size, N_CLASSES, N_DIGITS - N_CLASSES - val_size)

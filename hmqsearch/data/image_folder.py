@@ -77,6 +77,8 @@ class ImageFolderDataModule(ClassificationDataModule):
     random crop out of the image zero-padded by ``image_size // 8`` and a horizontal flip.
     """
 
+    in_memory = False  # decoded from files on access
+
     def __init__(
         self,
         root: str,
@@ -90,8 +92,9 @@ class ImageFolderDataModule(ClassificationDataModule):
         std: Sequence[float] = IMAGENET_STD,
         train_subset: int | None = None,
         test_subset: int | None = None,
+        device_loader: str | bool = "auto",
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, seed, num_workers)
+        super().__init__(batch_size, eval_batch_size, seed, num_workers, device_loader)
         check_normalisation(mean, std, 3)
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(size) != 2 or any(not isinstance(s, int) or s < 1 for s in size):

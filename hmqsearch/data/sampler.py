@@ -37,7 +37,11 @@ class EpochShuffleSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.n
 
+    def epoch_order(self) -> torch.Tensor:
+        """The current epoch's whole order (``skip`` not applied)."""
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        order = self.epoch_order()
         skip, self.skip = self.skip, 0
         yield from order[skip:].tolist()

@@ -171,3 +171,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 }  // namespace
 
 HMQ_FAKE_QUANT_MODULE(forward, backward)
+HMQ_FAKE_QUANT_LIBRARY(TORCH_EXTENSION_NAME, CPU, forward, backward)

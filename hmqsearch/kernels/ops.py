@@ -6,15 +6,21 @@ custom ops with fake (meta) implementations and autograd, so they trace under
 :mod:`hmqsearch.kernels.backend` provides one for the tensor's device and dtype, else
 :mod:`hmqsearch.kernels.torch_impl`; both have the same numerics.
 
-In eager mode ``fake_quant`` calls the same implementations through a plain
-``torch.autograd.Function`` instead: the custom op's Python dispatch nearly doubles the cost
-of a call (``fake_quant`` forward and backward of a 64 x 64 tensor on the 2-core CI CPU: 225
-through the op, 118 us through the Function), paid twice per quantized layer and step, and on
-a GPU that host time, not the kernels, bounds a small network's step.
+In eager mode the Python custom op's dispatch is too slow (``fake_quant`` forward and backward
+of a 64 x 64 tensor on the 2-core CI CPU: 225 us through it, 118 us through a plain
+``torch.autograd.Function``), paid twice per quantized layer and step, and on a GPU that host
+time, not the kernels, bounds a small network's step. So an eager call runs
+``torch.ops.<extension>.fake_quant``, the op each extension registers in C++ with its autograd
+in C++ (``fake_quant_library.h``), when an extension serves the tensor's device and dtype, and
+the same implementations through :class:`_EagerFakeQuant` (a ``torch.autograd.Function``)
+otherwise.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -115,6 +121,19 @@ class _EagerFakeQuant(torch.autograd.Function):
         return _input_grads(_backward_impl(grad, x, step, lo, hi, ctx.axis, any(needs[1:])), needs)
 
 
+@functools.cache
+def _library_op(ext: ModuleType) -> Callable[..., Tensor]:
+    """The extension's C++ op with C++ autograd (its overload, skipping overload resolution)."""
+    return getattr(torch.ops, ext.library).fake_quant.default
+
+
+def _eager_op(x: Tensor) -> Callable[..., Tensor]:
+    """What an eager call on ``x`` runs: the C++ op of the extension serving x's device and dtype,
+    else the Python Function over the PyTorch implementation."""
+    ext = backend.extension_for(x.device.type, x.dtype)
+    return _EagerFakeQuant.apply if ext is None else _library_op(ext)
+
+
 def _param(value: Tensor | float, x: Tensor, channels: int | None, name: str) -> Tensor:
     """value as a float32 tensor on x's device: 0-dim if it has one element, else (channels,)."""
     if isinstance(value, Tensor):
@@ -161,5 +180,5 @@ def fake_quant(
         axis = None
     else:
         params = [p.expand(channels) for p in params]
-    op = fake_quant_op if torch.compiler.is_compiling() else _EagerFakeQuant.apply
+    op = fake_quant_op if torch.compiler.is_compiling() else _eager_op(x)
     return op(x, *params, axis)

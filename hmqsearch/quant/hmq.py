@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from hmqsearch.kernels import fake_quant
+from hmqsearch.quant.autocast import float32_under_autocast
 from hmqsearch.quant.functional import binary_quant, channel_view, step_shift
 
 Mode = Literal["expected", "mixture", "hard"]
@@ -264,6 +265,7 @@ class HMQQuantizer(nn.Module):
         return self.candidate_tables()[0].index_select(0, self._chosen_row())[0]
 
     # -------------------------------------------------------------- forward
+    @float32_under_autocast
     def forward(self, x: Tensor) -> Tensor:
         if self.state == "float":
             return x
