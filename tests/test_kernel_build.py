@@ -98,3 +98,18 @@ def test_second_checkout_reuses_the_kernel_the_first_built(tmp_path):
     assert "compiling" not in second.stderr, second.stderr
     assert list(extensions.iterdir()) == [folder]
     assert {p: p.stat().st_mtime_ns for p in built} == built  # nothing recompiled or rewritten
+
+
+def test_every_local_include_is_copied_into_the_build_folder():
+    """A header the sources include but the build does not copy fails the compile (and the run
+    falls back to the PyTorch implementation): every quoted include must be among the copies."""
+    import re
+
+    from hmqsearch.kernels import backend
+
+    kernel_dir = Path(backend.__file__).resolve().parent
+    included = {
+        name for path in kernel_dir.iterdir() if path.suffix in (".cpp", ".cu", ".h")
+        for name in re.findall(r'#include "([^"]+)"', path.read_text())
+    }
+    assert included and included <= set(backend._HEADERS)

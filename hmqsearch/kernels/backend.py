@@ -64,7 +64,7 @@ _BUILDS = {
 }
 _lock = threading.Lock()
 _announced: set[tuple[str, str, str]] = set()
-_HEADERS = ("fake_quant.h", "fake_quant_module.h")  # included by the sources, copied beside them
+_HEADERS = tuple(sorted(p.name for p in _HERE.glob("*.h")))  # every header the sources may include, copied beside them
 
 
 def _flags(device_type: str) -> dict[str, list[str]]:
