@@ -3,6 +3,8 @@ and Embedding layers that carry a weight quantizer (their input is integer indic
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import torch.nn.functional as F
@@ -75,55 +77,37 @@ class QuantLayerMixin:
         self.shape.input_shapes.append(tuple(x.shape[1:]))
 
 
-class QuantConv2d(QuantLayerMixin, nn.Conv2d):
+class _QuantConv(QuantLayerMixin):
+    """A convolution (any dimensionality) whose weight and input go through HMQ quantizers."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv1d | nn.Conv2d, weight_q: HMQQuantizer, act_q: HMQQuantizer) -> "_QuantConv":
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+            device=conv.weight.device, dtype=conv.weight.dtype,
+        )
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        layer._init_quantizers(weight_q, act_q)
+        return layer
+
+    def _macs_per_output(self) -> int:
+        return (self.in_channels // self.groups) * math.prod(self.kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self._conv_forward(self.aq(x), self.quantized_weight(), self.effective_bias())
+        if self.recording:
+            self._record(x, out)
+        return out
+
+
+class QuantConv2d(_QuantConv, nn.Conv2d):
     """``nn.Conv2d`` whose weight and input go through HMQ quantizers (grouped/depthwise too)."""
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight_q: HMQQuantizer, act_q: HMQQuantizer) -> "QuantConv2d":
-        layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-            device=conv.weight.device, dtype=conv.weight.dtype,
-        )
-        layer.weight = conv.weight
-        layer.bias = conv.bias
-        layer._init_quantizers(weight_q, act_q)
-        return layer
 
-    def _macs_per_output(self) -> int:
-        kh, kw = self.kernel_size
-        return (self.in_channels // self.groups) * kh * kw
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self._conv_forward(self.aq(x), self.quantized_weight(), self.effective_bias())
-        if self.recording:
-            self._record(x, out)
-        return out
-
-
-class QuantConv1d(QuantLayerMixin, nn.Conv1d):
+class QuantConv1d(_QuantConv, nn.Conv1d):
     """``nn.Conv1d`` whose weight and input go through HMQ quantizers (grouped/depthwise too)."""
-
-    @classmethod
-    def from_float(cls, conv: nn.Conv1d, weight_q: HMQQuantizer, act_q: HMQQuantizer) -> "QuantConv1d":
-        layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-            device=conv.weight.device, dtype=conv.weight.dtype,
-        )
-        layer.weight = conv.weight
-        layer.bias = conv.bias
-        layer._init_quantizers(weight_q, act_q)
-        return layer
-
-    def _macs_per_output(self) -> int:
-        return (self.in_channels // self.groups) * self.kernel_size[0]
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self._conv_forward(self.aq(x), self.quantized_weight(), self.effective_bias())
-        if self.recording:
-            self._record(x, out)
-        return out
 
 
 class QuantEmbedding(QuantLayerMixin, nn.Embedding):
