@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def finished_run(tmp_path_factory) -> Path:
     """A run directory as the pipeline leaves it (precision.yaml with its config, quantized state),
     built without training: the digits default, calibrated, at the initial argmax assignment
-    (8-bit weights, which meet a 4x budget exactly)."""
+    (8-bit weights, which meet a 4x budget on the quantized layers exactly)."""
     run_dir = tmp_path_factory.mktemp("run")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["logger=none", "budget.weight_compression=4"])
+        cfg = compose("train", overrides=["logger=none", "budget.weight_compression=4", "budget.scope=layers"])
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     calib = datamodule.calibration_batches(2)
