@@ -37,7 +37,7 @@ def test_quick_default_run_writes_artifacts(tmp_path):
     assert precision["budgets"]["weight_bytes"]["exact"] == summary["model_bytes_packed"] <= summary["budget_weight_bytes"]
     assert summary["model_bytes_packed"] > summary["weight_bytes_packed"] and summary["budget_scope"] == "model"
     assert summary["compression_model"] == summary["model_float_bytes"] / summary["model_bytes_packed"] >= 8.0
-    assert "compression vs float32 (whole model)" in proc.stdout
+    assert "compression, whole model" in proc.stdout
     assert "Precision assignment" in proc.stdout and "test top-1 quantized" in proc.stdout
     for stage in ("pretrain", "search", "finetune"):
         assert (run_dir / "checkpoints" / stage / "last.ckpt").is_file()

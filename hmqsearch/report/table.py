@@ -34,11 +34,11 @@ def print_final_table(qmodel: QuantModel, summary: dict[str, Any], layer_bytes: 
     whole_model = summary.get("budget_scope", "layers") == "model" and "model_bytes_packed" in summary
     layer_budget = "" if budget is None or whole_model else f" / budget {budget:,.0f}"
     result.add_row("weight bytes (packed)", f"{summary['weight_bytes_packed']:,}{layer_budget}")
-    result.add_row("compression vs float32 (quantized layers)", f"{summary['compression_packed']:.2f}x")
+    result.add_row("compression, quantized layers", f"{summary['compression_packed']:.2f}x")
     if "model_bytes_packed" in summary:
         model_budget = f" / budget {budget:,.0f}" if budget is not None and whole_model else ""
-        result.add_row("model parameter bytes (packed)", f"{summary['model_bytes_packed']:,}{model_budget}")
-        result.add_row("compression vs float32 (whole model)", f"{summary['compression_model']:.2f}x")
+        result.add_row("model bytes (packed)", f"{summary['model_bytes_packed']:,}{model_budget}")
+        result.add_row("compression, whole model", f"{summary['compression_model']:.2f}x")
     if summary.get("expected_latency") is not None:
         budget_ms = summary.get("budget_latency_ms")
         result.add_row(f"latency ({summary['latency_model']})", f"{summary['exact_latency']:.4g} ms"
@@ -68,7 +68,7 @@ def export_rows(figures: dict[str, Any] | None) -> list[tuple[str, str]]:
     if not figures or "onnx_bytes" not in figures:
         return []
     v = figures["verify"]
-    top1 = "" if v.get("onnx_top1") is None else f", top-1 onnx {v['onnx_top1']:.2f} % / torch {v['torch_top1']:.2f} %"
+    top1 = "" if v.get("onnx_top1") is None else f" (top-1 {v['onnx_top1']:.2f} / {v['torch_top1']:.2f} %)"
     rows = [
         ("model.onnx", f"{figures['onnx_bytes']:,} bytes ({figures['onnx_weight_bytes']:,} weight bytes)"),
         ("packed checkpoint", f"{figures['packed_file_bytes']:,} bytes ({figures['packed_bytes']:,} weight bytes)"),
