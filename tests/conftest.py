@@ -33,3 +33,33 @@ def train_run(tmp_path: Path):
         return proc, run_dir
 
     return run
+
+
+def write_calibrated_run(run_dir: Path, overrides: list[str]) -> Path:
+    """A run directory as the pipeline leaves it, built without training: the digits default with
+    ``overrides``, calibrated, at the initial argmax assignment (precision.yaml with its config,
+    quantized_state.pt)."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from hmqsearch.export.precision import write_precision
+    from hmqsearch.pipeline import quant_spec
+    from hmqsearch.quant.calibrate import calibrate_activations
+    from hmqsearch.quant.prepare import prepare
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["logger=none", *overrides])
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    calib = datamodule.calibration_batches(2)
+    qmodel = prepare(instantiate(cfg.model.net), quant_spec(cfg), calib[0][:8])
+    calibrate_activations(qmodel, calib)
+    qmodel.set_state("fixed")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_precision(run_dir / "precision.yaml", qmodel, config=OmegaConf.to_container(cfg, resolve=True))
+    torch.save(qmodel.state_dict(), run_dir / "quantized_state.pt")
+    return run_dir

@@ -18,6 +18,7 @@ import torch
 import yaml
 from hydra.core.global_hydra import GlobalHydra
 
+from conftest import write_calibrated_run
 from hmqsearch import cli
 from hmqsearch.models.small_cnn import SmallCNN
 
@@ -220,28 +221,7 @@ def run_over_budget(tmp_path) -> Path:
     """A finished run's directory whose precision.yaml was edited past the run's 8x budget on the
     quantized layers: every weight at 4 bits (exactly the budget, 3,608 bytes packed) but one
     layer raised to 5 bits."""
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from hmqsearch.export.precision import write_precision
-    from hmqsearch.pipeline import quant_spec
-    from hmqsearch.quant.calibrate import calibrate_activations
-    from hmqsearch.quant.prepare import prepare
-
-    run_dir = tmp_path / "finished"
-    run_dir.mkdir()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["logger=none", "budget.scope=layers"])
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")
-    calib = datamodule.calibration_batches(1)
-    qmodel = prepare(instantiate(cfg.model.net), quant_spec(cfg), calib[0][:8])
-    calibrate_activations(qmodel, calib)
-    qmodel.set_state("fixed")
-    write_precision(run_dir / "precision.yaml", qmodel, config=OmegaConf.to_container(cfg, resolve=True))
-    torch.save(qmodel.state_dict(), run_dir / "quantized_state.pt")
+    run_dir = write_calibrated_run(tmp_path / "finished", ["budget.scope=layers"])
     precision = yaml.safe_load((run_dir / "precision.yaml").read_text())
     for name, layer in precision["layers"].items():
         layer["weight"]["bits"] = 5 if name == "block_conv1" else 4

@@ -8,35 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from hmqsearch.export.precision import write_precision
-from hmqsearch.pipeline import quant_spec
-from hmqsearch.quant.calibrate import calibrate_activations
-from hmqsearch.quant.prepare import prepare
+from conftest import write_calibrated_run
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
-    """A run directory as the pipeline leaves it (precision.yaml with its config, quantized state),
-    built without training: the digits default, calibrated, at the initial argmax assignment
+    """A finished run without training: the digits default at its initial argmax assignment
     (8-bit weights, which meet a 4x budget on the quantized layers exactly)."""
-    run_dir = tmp_path_factory.mktemp("run")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["logger=none", "budget.weight_compression=4", "budget.scope=layers"])
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")
-    calib = datamodule.calibration_batches(2)
-    qmodel = prepare(instantiate(cfg.model.net), quant_spec(cfg), calib[0][:8])
-    calibrate_activations(qmodel, calib)
-    qmodel.set_state("fixed")
-    write_precision(run_dir / "precision.yaml", qmodel, config=OmegaConf.to_container(cfg, resolve=True))
-    torch.save(qmodel.state_dict(), run_dir / "quantized_state.pt")
+    run_dir = write_calibrated_run(tmp_path_factory.mktemp("run"), ["budget.weight_compression=4", "budget.scope=layers"])
     (run_dir / "summary.json").write_text(json.dumps({"quant_top1": 12.5}))
     return run_dir
 
