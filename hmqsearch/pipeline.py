@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from hmqsearch.baselines import Method, assign_fixed, baseline_spec, parse_method
 from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
-from hmqsearch.constrained.constraints import ENFORCE, Constraint, enforce_on
+from hmqsearch.constrained.constraints import Constraint, check_enforce, enforce_on
 from hmqsearch.constrained.proximity import ProximityConstraints, ProximitySpec
 from hmqsearch.constrained.ramp import RampSpec
 from hmqsearch.constrained.repair import fill, repair
@@ -292,8 +292,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     spec, budgets = quant_spec(cfg), budget_spec(cfg)
     proximity_spec(cfg)
     ramp_spec(cfg)
-    if cfg.search.get("enforce", "expected") not in ENFORCE:
-        raise UserError(f"search.enforce={cfg.search.enforce!r}; allowed: {', '.join(ENFORCE)}")
+    check_enforce(cfg.search.get("enforce", "expected"))
     distill = distill_spec(cfg)
     check_start(cfg.search.get("start", "highest"))
     _check_counts(cfg)

@@ -56,10 +56,14 @@ class Constraint:
 ENFORCE = ("argmax", "expected")
 
 
-def enforce_on(constraints: list[Constraint], qmodel: QuantModel, what: str) -> None:
-    """What the duals enforce: ``expected`` costs only, or also the ``argmax``'s cost."""
+def check_enforce(what: str) -> None:
     if what not in ENFORCE:
         raise UserError(f"search.enforce={what!r}; allowed: {', '.join(ENFORCE)}")
+
+
+def enforce_on(constraints: list[Constraint], qmodel: QuantModel, what: str) -> None:
+    """What the duals enforce: ``expected`` costs only, or also the ``argmax``'s cost."""
+    check_enforce(what)
     quantizers = [q for _, q in qmodel.quantizers()]
     for c in constraints:
         c.argmax = functools.partial(_argmax_cost, c.expected, quantizers) if what == "argmax" else None

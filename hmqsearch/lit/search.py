@@ -64,9 +64,11 @@ class SearchModule(ClassifierModule):
         self.proximity = proximity  # optional per-layer constraints, duals = layer sensitivity
         self.trace = SearchTrace(model)
 
+    def total_steps(self) -> int:
+        return max(1, int(self.trainer.estimated_stepping_batches))
+
     def progress(self, step: int) -> float:
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        return min(1.0, step / total)
+        return min(1.0, step / self.total_steps())
 
     def temperature(self, step: int) -> float:
         return self.ramp.temperature(self.tau_start, self.tau_end, self.progress(step))
@@ -127,8 +129,7 @@ class SearchModule(ClassifierModule):
             self.log(f"dual/{name}", value, prog_bar=True)
         if self.proximity is not None:
             self.log("dual/proximity_max", self.proximity.duals.values.max())
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        self.trace.maybe_record(self.global_step, total, self.tau, [c.bound for c in self.constraints])
+        self.trace.maybe_record(self.global_step, self.total_steps(), self.tau, [c.bound for c in self.constraints])
 
     def on_train_epoch_end(self) -> None:
         if self.proximity is not None:
