@@ -71,7 +71,8 @@ class HMQQuantizer(nn.Module):
 
     ``state`` selects the behaviour: ``"float"`` passes the input through, ``"search"`` samples
     with Gumbel-Softmax in training mode (argmax in eval mode), ``"fixed"`` always uses the
-    argmax scheme (fine-tuning, export).
+    argmax scheme (fine-tuning, export).  A quantizer built with ``float_pinned=True`` (a tensor
+    the model leaves float) stays in ``"float"`` whatever state it is put in.
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class HMQQuantizer(nn.Module):
         num_channels: int = 1,
         mode: Mode = "expected",
         init_mass: float = 0.95,
+        float_pinned: bool = False,
     ) -> None:
         super().__init__()
         if not bits:
@@ -91,7 +93,8 @@ class HMQQuantizer(nn.Module):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
         self.mode: Mode = mode
-        self.state: State = "float"
+        self._float_pinned = float_pinned
+        self._state: State = "float"
         self.register_buffer("signed_flag", torch.tensor(signed))
         self.per_channel_axis = per_channel_axis
         self.register_buffer("bits", torch.tensor(sorted(set(bits)), dtype=torch.float32))
@@ -102,6 +105,20 @@ class HMQQuantizer(nn.Module):
         self.init_mass = init_mass
         self.argmax_costs = False  # see bit_probs
         self.logits = nn.Parameter(self._initial_logits(init_mass))
+
+    # ---------------------------------------------------------------- state
+    @property
+    def float_pinned(self) -> bool:
+        """Whether the tensor stays float: the quantizer never quantizes and has no scheme."""
+        return self._float_pinned
+
+    @property
+    def state(self) -> State:
+        return "float" if self._float_pinned else self._state
+
+    @state.setter
+    def state(self, value: State) -> None:
+        self._state = value
 
     # ----------------------------------------------------------------- grid
     @property
