@@ -104,8 +104,8 @@ def test_constrained_search_moves_from_an_infeasible_start_to_the_non_uniform_op
     module.train()
     trainer.fit(module, DataLoader(data, batch_size=64, shuffle=True))
     layers = dict(qmodel.layers())
-    assert layers["important"].wq.scheme().bits == 8
-    assert layers["unimportant"].wq.scheme().bits == 1
+    assert layers["important"].wq.argmax().bits == 8
+    assert layers["unimportant"].wq.argmax().bits == 1
     assert c.satisfied()
     assert c.bound == pytest.approx(c.budget)  # the ramp ended on the budget itself
     assert module.trace.moved(module.trace.argmax_bits()) == ["unimportant.weight"]
