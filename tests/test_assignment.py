@@ -74,6 +74,8 @@ def test_fix_keeps_the_other_logits_and_start_puts_the_initial_mass():
     assert changed == [[0, 3]] and q.chosen_index() == (0, 3)
     q.fix(q.scheme_at(4, 1), start=True)
     assert q.chosen_index() == (1, 1) and float(q.probs().detach()[4 + 1]) == pytest.approx(q.init_mass)
+    with pytest.raises(ValueError, match="threshold index 4 is not on this grid"):
+        q.scheme_at(2, 4)
 
 
 def test_fix_recentres_thresholds_off_the_grid_and_takes_the_signedness():

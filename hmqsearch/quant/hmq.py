@@ -237,6 +237,8 @@ class HMQQuantizer(nn.Module):
         preferred threshold (the highest logit of its row)."""
         b = self._bit_index(bits)
         j = int(self.logits.detach()[b].argmax()) if threshold_index is None else threshold_index
+        if not 0 <= j < self.n_thresholds:
+            raise ValueError(f"threshold index {j} is not on this grid of {self.n_thresholds} thresholds")
         exps = (self.base_exp + 1 - j).round().to(torch.int64).tolist()
         return Scheme(bits, self.signed, tuple(int(e) for e in exps), self.per_channel_axis is not None)
 
