@@ -1,8 +1,9 @@
 """``precision.yaml``: the searched per-layer assignment, readable by people and by hmqsearch.
 
 It holds an :class:`~hmqsearch.quant.assignment.Assignment` (per layer, the weight and input
-schemes: bits, power-of-two threshold exponents, signedness, container), plus the budgets, the exact costs, the accuracy and the config it
-came from.  :func:`apply_precision` feeds it back into a prepared model to fine-tune or export.
+schemes: bits, power-of-two threshold exponents, signedness, container), plus the budgets, the
+exact costs, the accuracy and the config it came from.  :func:`apply_precision` feeds it back
+into a prepared model to fine-tune or export.
 """
 
 from __future__ import annotations
