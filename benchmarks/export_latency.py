@@ -57,8 +57,8 @@ def quantized(net: torch.nn.Module, calib: torch.Tensor, bits: dict[str, tuple[i
     calibrate_activations(qmodel, [calib])
     for name, layer in qmodel.layers():
         wb, ab = bits.get(name, (8, 8))
-        layer.wq.fix_to(wb, 1)
-        layer.aq.fix_to(ab, 0)
+        layer.wq.fix(layer.wq.scheme_at(wb, 1))
+        layer.aq.fix(layer.aq.scheme_at(ab, 0))
     qmodel.set_state("fixed")
     return qmodel.eval()
 

@@ -55,9 +55,8 @@ def quantized(args: argparse.Namespace, data: CIFAR10DataModule, high: set[str])
     calibrate_activations(qmodel, calib, "max")
     for name, layer in qmodel.layers():
         bits = HIGH if name in high else LOW
-        row = layer.wq.bits.tolist().index(bits)
-        layer.wq.fix_to(bits, int(torch.argmax(layer.wq.logits[row])))  # lowest-MSE threshold
-        layer.aq.fix_to(ACT, int(torch.argmax(layer.aq.logits[0])))
+        layer.wq.fix(layer.wq.scheme_at(bits))  # lowest-MSE threshold
+        layer.aq.fix(layer.aq.scheme_at(ACT))
     qmodel.set_state("fixed")
     return qmodel
 

@@ -58,9 +58,9 @@ def quantized(net: nn.Module, example: torch.Tensor, w_bits: int, a_bits: int) -
 def fix(qmodel: QuantModel) -> QuantModel:
     """Fixed state: weights at their lowest-MSE threshold, inputs at 2^ceil(log2 range)."""
     for _, layer in qmodel.layers():
-        layer.wq.fix_to(int(layer.wq.bits[0]), int(torch.argmax(layer.wq.logits[0])))
+        layer.wq.fix(layer.wq.scheme_at(layer.wq.candidate_bits[0]))
         if isinstance(layer.aq, HMQQuantizer):
-            layer.aq.fix_to(int(layer.aq.bits[0]), 1)
+            layer.aq.fix(layer.aq.scheme_at(layer.aq.candidate_bits[0], 1))
     qmodel.set_state("fixed")
     return qmodel.eval()
 

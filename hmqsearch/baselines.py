@@ -18,7 +18,10 @@ import re
 from dataclasses import dataclass, replace
 
 from hmqsearch.errors import UserError
+from hmqsearch.quant.assignment import Assignment, LayerSchemes
+from hmqsearch.quant.hmq import HMQQuantizer
 from hmqsearch.quant.prepare import QuantModel, QuantSpec
+from hmqsearch.quant.scheme import Scheme
 
 METHODS = ("hmq", "uniform", "ptq")
 _PRECISION = re.compile(r"^W([1-8])A([1-8])$", re.IGNORECASE)
@@ -71,17 +74,23 @@ def baseline_spec(spec: QuantSpec, method: Method) -> QuantSpec:
     return replace(spec, weight_bits=[method.weight_bits], act_bits=[method.act_bits], embedding_bits=None)
 
 
-def assign_fixed(qmodel: QuantModel, method: Method) -> None:
-    """Fix every quantizer to its single bit-width with the method's threshold rule.
+def _fixed_scheme(q: HMQQuantizer, method: Method) -> Scheme | None:
+    if q.float_pinned:
+        return None
+    threshold = min(COVERING_THRESHOLD, q.n_thresholds - 1) if method.name == "ptq" else None
+    return q.scheme_at(q.candidate_bits[0], threshold)
+
+
+def assign_fixed(qmodel: QuantModel, method: Method) -> Assignment:
+    """Fix every quantizer to its single bit-width with the method's threshold rule; returns
+    the assignment written.
 
     ``uniform`` keeps the calibrated lowest-MSE threshold (the argmax of the initial logits);
     ``ptq`` takes the smallest power of two covering the calibrated range.
     """
-    for _, q in qmodel.quantizers():
-        if q.float_pinned:
-            continue
-        bits = int(q.bits[0])
-        if method.name == "ptq":
-            q.fix_to(bits, min(COVERING_THRESHOLD, q.n_thresholds - 1))
-        else:
-            q.fix_to(bits)
+    assignment = Assignment({
+        name: LayerSchemes(_fixed_scheme(layer.wq, method), _fixed_scheme(layer.aq, method))
+        for name, layer in qmodel.layers()
+    })
+    assignment.apply(qmodel)
+    return assignment

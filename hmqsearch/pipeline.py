@@ -47,6 +47,7 @@ from hmqsearch.lit.trainer import RunLoggers, make_trainer
 from hmqsearch.lr_scaling import scale_learning_rates
 from hmqsearch.models.fit import describe_misfit
 from hmqsearch.models.pretrained import load_pretrained
+from hmqsearch.quant.assignment import Assignment
 from hmqsearch.quant.batch_norm import reestimate_batch_norm
 from hmqsearch.quant.calibrate import calibrate_activations
 from hmqsearch.quant.prepare import Pin, QuantModel, QuantSpec, prepare
@@ -436,7 +437,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             exit_code = 0
             return summary
         write_precision(
-            run_dir / "precision.yaml", qmodel,
+            run_dir / "precision.yaml", Assignment.of(qmodel),
             budgets=budget_entries,
             costs={k: v for k, v in costs.items() if k != "per_layer_weight_bytes_packed"},
             accuracy={"float_top1": float_top1, "quant_top1": quant_top1},

@@ -47,6 +47,7 @@ def write_calibrated_run(run_dir: Path, overrides: list[str]) -> Path:
 
     from hmqsearch.export.precision import write_precision
     from hmqsearch.pipeline import quant_spec
+    from hmqsearch.quant.assignment import Assignment
     from hmqsearch.quant.calibrate import calibrate_activations
     from hmqsearch.quant.prepare import prepare
 
@@ -60,6 +61,6 @@ def write_calibrated_run(run_dir: Path, overrides: list[str]) -> Path:
     calibrate_activations(qmodel, calib)
     qmodel.set_state("fixed")
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_precision(run_dir / "precision.yaml", qmodel, config=OmegaConf.to_container(cfg, resolve=True))
+    write_precision(run_dir / "precision.yaml", Assignment.of(qmodel), config=OmegaConf.to_container(cfg, resolve=True))
     torch.save(qmodel.state_dict(), run_dir / "quantized_state.pt")
     return run_dir

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hmqsearch.constrained.allocation import allocate, measure_sensitivity, only_lowest_fits
+from hmqsearch.constrained.allocation import allocate, measure_sensitivity, only_lowest_fits, start_search_at
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.cost import size
 from hmqsearch.quant.prepare import QuantSpec, prepare
@@ -38,8 +38,7 @@ def synthetic_sensitivity(qmodel, scale):
 
 
 def fits(quantizers, assignment, constraint):
-    for name, bits in assignment.items():
-        quantizers[name].start_at(bits)
+    start_search_at(quantizers, assignment)
     return constraint.satisfied()
 
 
@@ -104,7 +103,7 @@ def test_allocation_meets_the_budget_and_beats_the_best_uniform_width(compressio
     sens = synthetic_sensitivity(qmodel, {names[0]: 8.0, names[1]: 1.0, names[2]: 4.0})
     assignment = allocate(quantizers, [c], sens)
     assert c.satisfied()
-    assert {n: q.scheme().bits for n, q in quantizers.items()} == assignment
+    assert {n: q.argmax().bits for n, q in quantizers.items()} == assignment
     uniform = max(b for b in BITS if fits(quantizers, dict.fromkeys(names, b), c))
     assert total(sens, assignment) < total(sens, dict.fromkeys(names, uniform))
     assert assignment[names[1]] < assignment[names[0]]  # the budget goes to the sensitive layers
@@ -130,7 +129,7 @@ def test_allocation_returns_none_when_no_widths_fit():
     c = size_constraint(qmodel, 8.5)
     c.budget = c.minimum * 0.5
     assert allocate(quantizers, [c], synthetic_sensitivity(qmodel, dict.fromkeys(quantizers, 1.0))) is None
-    assert all(q.scheme().bits == 8 for q in quantizers.values())
+    assert all(q.argmax().bits == 8 for q in quantizers.values())
 
 
 def test_only_lowest_fits_when_no_single_raise_keeps_the_budget():
@@ -139,7 +138,7 @@ def test_only_lowest_fits_when_no_single_raise_keeps_the_budget():
     tight = size_constraint(qmodel, 8.5)
     tight.budget = tight.minimum  # exactly all-2-bit
     assert only_lowest_fits(quantizers, [tight])
-    assert all(q.scheme().bits == 2 for q in quantizers.values())
+    assert all(q.argmax().bits == 2 for q in quantizers.values())
     assert not only_lowest_fits(quantizers, [size_constraint(qmodel, 8.5)])
 
 

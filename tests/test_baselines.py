@@ -39,8 +39,8 @@ def _prepared(method: Method):
 def test_every_quantizer_gets_the_fixed_precision(method: Method):
     qmodel, _ = _prepared(method)
     for i, (name, layer) in enumerate(qmodel.layers()):
-        assert layer.wq.scheme().bits == method.weight_bits, name
-        assert layer.aq.scheme().bits == (8 if i == 0 else method.act_bits), name  # first input pinned to 8
+        assert layer.wq.argmax().bits == method.weight_bits, name
+        assert layer.aq.argmax().bits == (8 if i == 0 else method.act_bits), name  # first input pinned to 8
 
 
 def test_ptq_thresholds_are_the_smallest_powers_of_two_covering_the_range():
@@ -48,7 +48,7 @@ def test_ptq_thresholds_are_the_smallest_powers_of_two_covering_the_range():
     for name, layer in qmodel.layers():
         absmax = layer.weight.detach().abs().reshape(layer.weight.shape[0], -1).amax(1)
         expected = [math.ceil(math.log2(float(a))) for a in absmax]
-        assert list(layer.wq.scheme().threshold_exp) == expected, name
+        assert list(layer.wq.argmax().threshold_exp) == expected, name
 
 
 def test_uniform_thresholds_are_the_lowest_mse_candidates():

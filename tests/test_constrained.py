@@ -100,7 +100,7 @@ def test_fill_spends_slack_where_it_buys_most_preference_per_byte():
     steps = fill(qmodel, [c])
     assert [(s.quantizer, s.from_bits, s.to_bits) for s in steps] == [
         ("2.weight", 2, 4), ("2.weight", 4, 8)]
-    assert big.wq.scheme().bits == 2 and c.satisfied()
+    assert big.wq.argmax().bits == 2 and c.satisfied()
     assert fill(qmodel, [c]) == []  # nothing else fits
 
 

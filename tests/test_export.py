@@ -76,9 +76,9 @@ def make_qmodel(
     for name, layer in qmodel.layers():
         wb, ab = bits.get(name, (8, 8))
         if wb is not None and not layer.wq.float_pinned:
-            layer.wq.fix_to(wb, 1)
+            layer.wq.fix(layer.wq.scheme_at(wb, 1))
         if ab is not None and not layer.aq.float_pinned:
-            layer.aq.fix_to(ab, 0)
+            layer.aq.fix(layer.aq.scheme_at(ab, 0))
     qmodel.set_state("fixed")
     return qmodel.eval()
 
@@ -183,7 +183,7 @@ def test_containers_zero_points_and_float_pins(mixed_model):
     for name in ("stem.0", "expand.0", "dw.0", "project.0", "down.0"):
         zp = onnx.numpy_helper.to_array(inits[f"{name}.input_zero_point"])
         assert int(np.asarray(zp).max()) == 0
-        signed, bits = layers[name].aq.signed, layers[name].aq.scheme().bits
+        signed, bits = layers[name].aq.signed, layers[name].aq.argmax().bits
         want = {(True, 8): TensorProto.INT8, (False, 8): TensorProto.UINT8,
                 (True, 4): TensorProto.INT4, (False, 4): TensorProto.UINT4}[(signed, 8 if bits > 4 else 4)]
         assert dtype(f"{name}.input_zero_point") == want
@@ -324,7 +324,7 @@ def test_all_int4_resnet20_graph_is_under_016_of_float32(tmp_path):
     qmodel = prepare(resnet20(), QuantSpec(weight_bits=[4, 8], act_bits=[8]), x)
     calibrate_activations(qmodel, [x])
     for _, layer in qmodel.layers():
-        layer.wq.fix_to(4)
+        layer.wq.fix(layer.wq.scheme_at(4))
     qmodel.set_state("fixed")
     int4 = export_onnx(qmodel.eval(), tmp_path / "int4.onnx", x)
     fp32 = export_onnx(qmodel, tmp_path / "fp32.onnx", x, as_float=True)

@@ -26,7 +26,7 @@ def test_initial_mass_on_highest_bits_widest_threshold():
     q = make()
     p = q.probs().reshape(3, 4)
     assert p[2, 0].item() == pytest.approx(0.95, abs=1e-6)
-    assert q.scheme().bits == 8 and q.scheme().threshold_exp == (3,)
+    assert q.argmax().bits == 8 and q.argmax().threshold_exp == (3,)
 
 
 def test_expected_bits_and_gradient_to_logits():
@@ -43,7 +43,7 @@ def test_expected_bits_and_gradient_to_logits():
 
 def test_eval_uses_argmax_scheme_exactly():
     q = make(signed=False)
-    q.fix_to(4, threshold_index=1)  # t = 4, unsigned 4 bit: d = 0.25
+    q.fix(q.scheme_at(4, 1))  # t = 4, unsigned 4 bit: d = 0.25
     q.state = "search"
     q.eval()
     x = torch.linspace(-1, 6, 101)
@@ -52,7 +52,9 @@ def test_eval_uses_argmax_scheme_exactly():
 
 def test_expected_forward_matches_single_candidate_at_low_temperature():
     q = make()
-    q.fix_to(8, 0)
+    with torch.no_grad():  # all the mass on (8 bits, t_0)
+        q.logits.fill_(0.0)
+        q.logits[2, 0] = 20.0
     q.state = "search"
     q.train()
     q.tau.fill_(1e-3)
@@ -92,7 +94,7 @@ def test_per_channel_thresholds_follow_channel_ranges():
     w = torch.tensor([[0.5, -0.2], [3.0, 1.0], [-0.1, 0.05]])
     q.set_range(w.abs().amax(1))
     assert q.base_exp.tolist() == [-1.0, 2.0, -3.0]
-    assert q.scheme().threshold_exp == (0, 3, -2)
+    assert q.argmax().threshold_exp == (0, 3, -2)
 
 
 def test_float_state_is_identity():

@@ -11,13 +11,13 @@ from onnx import numpy_helper
 
 from hmqsearch.cost.size import exact_weight_bytes, overhead_bytes
 from hmqsearch.errors import UserError
-from hmqsearch.export.deployed import QScheme
 from hmqsearch.export.intpack import pack, packed_size, unpack
 from hmqsearch.export.onnx_export import int_initializer
 from hmqsearch.export.packed import load_packed, packed_paths, save_packed
 from hmqsearch.models.small_cnn import SmallCNN
 from hmqsearch.quant.calibrate import calibrate_activations
 from hmqsearch.quant.prepare import Pin, QuantModel, QuantSpec, prepare
+from hmqsearch.quant.scheme import Scheme
 
 ARCH = {"_target_": "hmqsearch.models.small_cnn.SmallCNN", "in_channels": 1, "num_classes": 10, "width": 16}
 SHAPE = (1, 8, 8)
@@ -54,7 +54,7 @@ def test_pack_rejects_out_of_range_and_bad_widths():
 def test_int4_packing_is_onnx_int4(signed, n):
     """Our 4-bit packing is ONNX's int4/uint4 layout (first value in the low nibble)."""
     codes = np.arange(n) - (8 if signed else 0)
-    tensor = int_initializer("w", codes, QScheme(4, signed, (0,)))
+    tensor = int_initializer("w", codes, Scheme(4, signed, (0,)))
     assert len(tensor.raw_data) == -(-n // 2)
     assert np.array_equal(numpy_helper.to_array(tensor).astype(np.int64), codes)
 
@@ -72,9 +72,9 @@ def make_qmodel(spec: QuantSpec, bits: dict[str, tuple[int, int]]) -> QuantModel
     for name, layer in qmodel.layers():
         wb, ab = bits.get(name, (8, 8))
         if not layer.wq.float_pinned:
-            layer.wq.fix_to(wb, 2)
+            layer.wq.fix(layer.wq.scheme_at(wb, 2))
         if not layer.aq.float_pinned:
-            layer.aq.fix_to(ab, 0)
+            layer.aq.fix(layer.aq.scheme_at(ab, 0))
     qmodel.set_state("fixed")
     return qmodel
 
@@ -117,7 +117,7 @@ def test_packed_checkpoint_reloads_exactly(tmp_path, case):
     for (_, a), (_, b) in zip(loaded.layers(), qmodel.layers()):
         assert a.wq.float_pinned == b.wq.float_pinned
         if not a.wq.float_pinned:
-            assert a.wq.scheme() == b.wq.scheme() and a.aq.scheme() == b.aq.scheme()
+            assert a.wq.argmax() == b.wq.argmax() and a.aq.argmax() == b.aq.argmax()
 
 
 @pytest.fixture

@@ -97,7 +97,7 @@ def test_8bit_outputs_close_to_float(cls, x):
     qmodel = prepare(model, QuantSpec(weight_bits=[8], act_bits=[8], n_thresholds=2), x)
     calibrate_activations(qmodel, [x])
     for _, q in qmodel.quantizers():
-        q.fix_to(8, 1)  # t = 2^M: the smallest power of two covering the range
+        q.fix(q.scheme_at(8, 1))  # t = 2^M: the smallest power of two covering the range
     qmodel.set_state("fixed")
     ref, out = model(x), qmodel(x)
     assert (out - ref).abs().max() < 0.03 * ref.abs().max()

@@ -33,8 +33,7 @@ def toy(weight_bits=(2, 8)):
 
 def fixed_at(qmodel, bits: int):
     for _, layer in qmodel.layers():
-        row = layer.wq.bits.tolist().index(bits)
-        layer.wq.fix_to(bits, int(torch.argmax(layer.wq.logits[row])))
+        layer.wq.fix(layer.wq.scheme_at(bits))
     qmodel.set_state("fixed")
     return qmodel
 

@@ -17,7 +17,7 @@ from hmqsearch.constrained.constraints import enforce_on
 from hmqsearch.constrained.ramp import RampSpec
 from hmqsearch.errors import UserError
 from hmqsearch.lit.search import SearchModule
-from hmqsearch.quant.prepare import QuantSpec, prepare
+from hmqsearch.quant.prepare import Pin, QuantSpec, prepare
 
 
 @pytest.mark.parametrize("progress, step", [(0.0, 1), (0.1, 1), (0.2, 2), (0.34, 3), (0.49, 3), (0.5, 4), (1.0, 4)])
@@ -77,12 +77,11 @@ def two_branch_problem():
     with torch.no_grad():
         net.important.weight.copy_(3.0 * teacher)
         net.unimportant.weight.copy_(0.05 * torch.randn(4, 32, generator=g))
-    spec = QuantSpec(weight_bits=[1, 2, 8], act_bits=[8], first_layer_act_bits=None, n_thresholds=4)
-    qmodel = prepare(net, spec, x[:8])
-    for _, layer in qmodel.layers():
-        layer.aq.float_pinned = True  # weights only: the search is about the two weight tensors
-        layer.aq.state = "float"
-    return qmodel, TensorDataset(x, y)
+    spec = QuantSpec(  # inputs float: the search is about the two weight tensors
+        weight_bits=[1, 2, 8], act_bits=[8], first_layer_act_bits=None, n_thresholds=4,
+        pins=[Pin("*", act_bits="float")],
+    )
+    return prepare(net, spec, x[:8]), TensorDataset(x, y)
 
 
 def test_constrained_search_moves_from_an_infeasible_start_to_the_non_uniform_optimum():
@@ -105,8 +104,8 @@ def test_constrained_search_moves_from_an_infeasible_start_to_the_non_uniform_op
     module.train()
     trainer.fit(module, DataLoader(data, batch_size=64, shuffle=True))
     layers = dict(qmodel.layers())
-    assert layers["important"].wq.scheme().bits == 8
-    assert layers["unimportant"].wq.scheme().bits == 1
+    assert layers["important"].wq.argmax().bits == 8
+    assert layers["unimportant"].wq.argmax().bits == 1
     assert c.satisfied()
     assert c.bound == pytest.approx(c.budget)  # the ramp ended on the budget itself
     assert module.trace.moved(module.trace.argmax_bits()) == ["unimportant.weight"]

@@ -129,8 +129,8 @@ def test_spiq_folded_model_exports_to_onnx_and_agrees(tmp_path) -> None:
     qmodel = prepare(net, QuantSpec(weight_bits=[8], act_bits=[8], first_layer_act_bits=8), x[:4])
     scales = apply_spiq(qmodel, input_ranges(net, MEAN, STD))
     for _, layer in qmodel.layers():
-        layer.wq.fix_to(8, 1)
-        layer.aq.fix_to(8, 1)
+        layer.wq.fix(layer.wq.scheme_at(8, 1))
+        layer.aq.fix(layer.aq.scheme_at(8, 1))
     qmodel.set_state("fixed")
     qmodel.eval()
     built = build_onnx(qmodel, x, form="portable")

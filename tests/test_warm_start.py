@@ -36,11 +36,11 @@ def test_feasible_uniform_start_is_the_highest_uniform_width_within_budget(compr
     (bits,) = set(start.values())
     assert set(start) == {name for name, _ in qmodel.layers()}
     assert c.satisfied()
-    weight_bits = {layer.wq.scheme().bits for _, layer in qmodel.layers()}
+    weight_bits = {layer.wq.argmax().bits for _, layer in qmodel.layers()}
     assert weight_bits == {bits}
     # one more bit everywhere would break the budget
     for _, layer in qmodel.layers():
-        layer.wq.start_at(bits + 1)
+        layer.wq.fix(layer.wq.scheme_at(bits + 1), start=True)
     assert not c.satisfied()
 
 
@@ -52,8 +52,8 @@ def test_start_keeps_the_lowest_mse_threshold_and_most_mass_on_the_start():
         b, j = q.chosen_index()
         assert float(q.bit_probs().detach()[b]) > 0.9
         assert j == int(q.candidate_mse(layer.weight.detach())[b].argmin())
-        assert q.scheme().bits != 8  # activations untouched: still at their highest
-        assert layer.aq.scheme().bits == 8
+        assert q.argmax().bits != 8  # activations untouched: still at their highest
+        assert layer.aq.argmax().bits == 8
 
 
 def test_highest_start_changes_nothing_and_bad_name_is_refused():
@@ -91,9 +91,9 @@ def test_sensitivity_start_meets_the_budget_with_mixed_widths_and_mass_on_them()
     assert set(start) == {name for name, _ in qmodel.layers()}
     assert c.satisfied()
     for name, layer in qmodel.layers():
-        assert layer.wq.scheme().bits == start[name]
+        assert layer.wq.argmax().bits == start[name]
         assert float(layer.wq.bit_probs().detach().max()) > 0.9
-        assert layer.aq.scheme().bits == 8
+        assert layer.aq.argmax().bits == 8
     # the allocation came from this measurement: every candidate width, none below the reference
     assert set(sensitivity) == set(start)
     for row in sensitivity.values():

@@ -76,8 +76,7 @@ def measure_sensitivity(
     qmodel.set_state("fixed")
     qmodel.eval()
     try:
-        for q in quantizers.values():
-            q.start_at(max(q.candidate_bits))
+        start_search_at(quantizers, {name: max(q.candidate_bits) for name, q in quantizers.items()})
         update_bn(batches, qmodel)  # a no-op without batch norm
         reference = [F.log_softmax(run_model(qmodel, x), dim=1) for x in batches]
 
@@ -93,11 +92,8 @@ def measure_sensitivity(
             highest = max(q.candidate_bits)
             sensitivity[name] = {highest: 0.0}
             for bits in q.candidate_bits:
-                if bits == highest:
-                    continue
-                q.start_at(bits)
-                sensitivity[name][bits] = divergence()
-            q.start_at(highest)
+                if bits != highest:
+                    sensitivity[name][bits] = _with_bits(q, bits, divergence)
     finally:
         for name, q in quantizers.items():
             q.logits.data.copy_(saved[name])
@@ -110,9 +106,11 @@ def measure_sensitivity(
     return sensitivity
 
 
-def _apply(quantizers: dict[str, HMQQuantizer], assignment: dict[str, int]) -> None:
-    for name, bits in assignment.items():
-        quantizers[name].start_at(bits)
+def start_search_at(quantizers: dict[str, HMQQuantizer], widths: dict[str, int]) -> None:
+    """Start each named quantizer's search at its width (that width's preferred threshold)."""
+    for name, bits in widths.items():
+        q = quantizers[name]
+        q.fix(q.scheme_at(bits), start=True)
 
 
 def _excess(constraints: list[Constraint]) -> float:
@@ -122,15 +120,14 @@ def _excess(constraints: list[Constraint]) -> float:
 
 def _with_bits(q: HMQQuantizer, bits: int, measure: Callable[[], T]) -> T:
     """``measure()`` with ``q`` at width ``bits`` (that width's preferred threshold), restored after."""
-    row = q.candidate_bits.index(bits)
-    return with_argmax(q, row, int(q.logits.detach()[row].argmax()), measure)
+    return with_argmax(q, q.scheme_at(bits), measure)
 
 
 def only_lowest_fits(quantizers: dict[str, HMQQuantizer], constraints: list[Constraint]) -> bool:
     """Whether every layer at its lowest width is the only assignment that meets every budget
     (then there is nothing to allocate). Leaves every quantizer started at its lowest width."""
     lowest = {name: min(q.candidate_bits) for name, q in quantizers.items()}
-    _apply(quantizers, lowest)
+    start_search_at(quantizers, lowest)
     if not all(c.satisfied() for c in constraints):
         return False
     for name, q in quantizers.items():
@@ -149,7 +146,7 @@ def allocate(
     quantizer back at its highest width) when even the lowest widths break a budget.
     """
     assignment = {name: max(q.candidate_bits) for name, q in quantizers.items()}
-    _apply(quantizers, assignment)
+    start_search_at(quantizers, assignment)
     if not _lower_until_feasible(quantizers, constraints, sensitivity, assignment):
         return None
     _raise_into_slack(quantizers, constraints, sensitivity, assignment)
@@ -174,11 +171,11 @@ def _lower_until_feasible(
                 if best is None or added / saved < best[0]:
                     best = (added / saved, name, bits)
         if best is None:
-            _apply(quantizers, {name: max(q.candidate_bits) for name, q in quantizers.items()})
+            start_search_at(quantizers, {name: max(q.candidate_bits) for name, q in quantizers.items()})
             return False
         _, name, bits = best
         assignment[name] = bits
-        quantizers[name].start_at(bits)
+        start_search_at(quantizers, {name: bits})
     return True
 
 
@@ -208,4 +205,4 @@ def _raise_into_slack(
             return
         _, name, bits = best
         assignment[name] = bits
-        quantizers[name].start_at(bits)
+        start_search_at(quantizers, {name: bits})

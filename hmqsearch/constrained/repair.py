@@ -12,6 +12,7 @@ import torch
 from hmqsearch.constrained.constraints import Constraint, normalised_cost
 from hmqsearch.quant.hmq import HMQQuantizer
 from hmqsearch.quant.prepare import QuantModel
+from hmqsearch.quant.scheme import Scheme
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -25,23 +26,29 @@ class RepairStep:
     evidence: float  # repair: logit margin given up (or layer dual); fill: probability of the new bit-width
 
 
-def _lowered(q: HMQQuantizer) -> tuple[int, int] | None:
-    """(bit index, threshold index) of the best candidate one bit-width below the argmax."""
-    b, _ = q.chosen_index()
+def _lowered(q: HMQQuantizer) -> tuple[Scheme, float] | None:
+    """The best candidate one bit-width below the argmax (that width's preferred threshold), and
+    its logit margin below the argmax."""
+    b = q.chosen_index()[0]
     if b == 0:
         return None
-    return b - 1, int(torch.argmax(q.logits[b - 1]))
+    logits = q.logits.detach()
+    return q.scheme_at(q.candidate_bits[b - 1]), float(logits.max() - logits[b - 1].max())
 
 
-def _make_argmax(q: HMQQuantizer, b: int, j: int) -> None:
-    with torch.no_grad():
-        q.logits[b, j] = q.logits.max() + 1.0
+def _raised(q: HMQQuantizer) -> tuple[Scheme, float] | None:
+    """The best candidate one bit-width above the argmax, and the probability of that width."""
+    b = q.chosen_index()[0]
+    if b + 1 >= len(q.candidate_bits):
+        return None
+    return q.scheme_at(q.candidate_bits[b + 1]), float(q.bit_probs().detach()[b + 1])
 
 
-def with_argmax(q: HMQQuantizer, b: int, j: int, measure: Callable[[], T]) -> T:
-    """``measure()`` with candidate (b, j) made ``q``'s argmax; ``q``'s logits are restored after."""
+def with_argmax(q: HMQQuantizer, scheme: Scheme, measure: Callable[[], T]) -> T:
+    """``measure()`` with ``scheme`` (on ``q``'s grid) made ``q``'s argmax; ``q``'s logits are
+    restored after."""
     saved = q.logits.detach().clone()
-    _make_argmax(q, b, j)
+    q.fix(scheme)
     try:
         return measure()
     finally:
@@ -67,31 +74,30 @@ def repair(
         violated = [c for c in constraints if not c.satisfied()]
         if not violated:
             return steps
-        best: tuple[float, str, HMQQuantizer, int, int, float] | None = None
+        best: tuple[float, str, HMQQuantizer, Scheme, float] | None = None
         before = {c.name: c.exact() for c in violated}
         for name, q in quantizers:
-            low = _lowered(q)
-            if low is None:
+            lowered = _lowered(q)
+            if lowered is None:
                 continue
-            margin = float(q.logits.detach().max() - q.logits.detach()[low])
+            low, margin = lowered
             if sensitivity is not None:
                 margin = sensitivity[name.rsplit(".", 1)[0]]
-            gain = with_argmax(q, *low, lambda: sum((before[c.name] - c.exact()) / c.budget for c in violated))
+            gain = with_argmax(q, low, lambda: sum((before[c.name] - c.exact()) / c.budget for c in violated))
             if gain <= 0:
                 continue
             score = margin / gain
             if best is None or score < best[0]:
-                best = (score, name, q, *low, margin)
+                best = (score, name, q, low, margin)
         if best is None:
             raise RuntimeError(
                 "repair cannot lower any quantizer further although "
                 + ", ".join(f"{c.name}={c.exact():.6g} > {c.budget:.6g}" for c in violated)
                 + " (the pre-training feasibility check should have caught this)"
             )
-        _, name, q, b, j, margin = best
-        old_bits = q.scheme().bits
-        _make_argmax(q, b, j)
-        step = RepairStep(name, old_bits, q.scheme().bits, margin)
+        _, name, q, low, margin = best
+        step = RepairStep(name, q.argmax().bits, low.bits, margin)
+        q.fix(low)
         log.info(
             "repair: %s %d -> %d bits (%s %.3f)", name, step.from_bits, step.to_bits,
             "layer dual" if sensitivity is not None else "logit margin", margin,
@@ -116,24 +122,23 @@ def fill(qmodel: QuantModel, constraints: list[Constraint]) -> list[RepairStep]:
     blocked: set[str] = set()
     while True:
         before = normalised_cost(constraints)
-        best: tuple[float, float, str, HMQQuantizer, int, int] | None = None
+        best: tuple[float, float, str, HMQQuantizer, Scheme] | None = None
         for name, q in quantizers:
-            b, _ = q.chosen_index()
-            if name in blocked or b + 1 >= len(q.bits):
+            raised = None if name in blocked else _raised(q)
+            if raised is None:
                 continue
-            mass = float(q.bit_probs().detach()[b + 1])
-            j = int(torch.argmax(q.logits.detach()[b + 1]))
-            added = with_argmax(q, b + 1, j, lambda: normalised_cost(constraints)) - before
+            high, mass = raised
+            added = with_argmax(q, high, lambda: normalised_cost(constraints)) - before
             score = math.inf if added <= 0 else mass / added
             if best is None or (score, mass) > best[:2]:
-                best = (score, mass, name, q, b + 1, j)
+                best = (score, mass, name, q, high)
         if best is None:
             return steps
-        _, mass, name, q, b, j = best
-        if not with_argmax(q, b, j, lambda: all(c.satisfied() for c in constraints)):
+        _, mass, name, q, high = best
+        if not with_argmax(q, high, lambda: all(c.satisfied() for c in constraints)):
             blocked.add(name)
             continue
-        old_bits = q.scheme().bits
-        _make_argmax(q, b, j)
-        steps.append(RepairStep(name, old_bits, q.scheme().bits, mass))
-        log.info("fill: %s %d -> %d bits (probability %.3f)", name, old_bits, q.scheme().bits, mass)
+        step = RepairStep(name, q.argmax().bits, high.bits, mass)
+        q.fix(high)
+        steps.append(step)
+        log.info("fill: %s %d -> %d bits (probability %.3f)", name, step.from_bits, step.to_bits, mass)

@@ -17,7 +17,9 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from hmqsearch.constrained.allocation import Sensitivity, allocate, measure_sensitivity, only_lowest_fits
+from hmqsearch.constrained.allocation import (
+    Sensitivity, allocate, measure_sensitivity, only_lowest_fits, start_search_at,
+)
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.errors import UserError
 from hmqsearch.quant.hmq import HMQQuantizer
@@ -79,12 +81,10 @@ def warm_start(
     widths = [set(q.candidate_bits) for q in searched.values()]
     common = set.intersection(*widths) if widths else set()
     for bits in sorted(common, reverse=True):
-        for q in searched.values():
-            q.start_at(bits)
+        start_search_at(searched, dict.fromkeys(searched, bits))
         if all(c.satisfied() for c in constraints):
             log.info("search starts at uniform %d-bit weights, the highest that meets every budget", bits)
             return Start(dict.fromkeys(searched, bits))
-    for q in searched.values():
-        q.start_at(int(q.bits.max()))
+    start_search_at(searched, {name: max(q.candidate_bits) for name, q in searched.items()})
     log.info("no uniform weight bit-width meets every budget: the search starts at the highest")
     return Start(None)

@@ -26,7 +26,8 @@ FLOAT_BITS = 32
 
 
 def _exact_bits(q: HMQQuantizer) -> int:
-    return FLOAT_BITS if q.float_pinned else q.scheme().bits
+    scheme = q.argmax()
+    return FLOAT_BITS if scheme is None else scheme.bits
 
 
 def _min_bits(q: HMQQuantizer) -> int:

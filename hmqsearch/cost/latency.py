@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from hmqsearch.errors import UserError
+from hmqsearch.quant.assignment import Assignment
 from hmqsearch.quant.prepare import QuantModel
 
 FLOAT_BITS = 32
@@ -143,12 +144,10 @@ def _probs_over(q, table_bits: list[int]) -> Tensor:  # noqa: ANN001 - HMQQuanti
 
 def exact_latency(qmodel: QuantModel, table: LatencyTable) -> dict[str, float]:
     """Per-layer table latency of the argmax assignment."""
-    out = {}
-    for name, layer in qmodel.layers():
-        bw = None if layer.wq.float_pinned else layer.wq.scheme().bits
-        ba = None if layer.aq.float_pinned else layer.aq.scheme().bits
-        out[name] = table.lookup(name, bw, ba)
-    return out
+    return {
+        name: table.lookup(name, *(None if s is None else s.bits for s in schemes))
+        for name, schemes in Assignment.of(qmodel).items()
+    }
 
 
 def exact_total_latency(qmodel: QuantModel, table: LatencyTable) -> float:

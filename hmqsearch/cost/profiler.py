@@ -32,7 +32,7 @@ import torch
 from onnx import TensorProto, helper
 
 from hmqsearch.cost.latency import FLOAT_BITS, LatencyTable, latency_bits
-from hmqsearch.export.deployed import DeployedLayer, QScheme, deployed_layers
+from hmqsearch.export.deployed import DeployedLayer, deployed_layers
 from hmqsearch.export.onnx_export import (
     IR_VERSION, OPSET, build_graph, container_type, fusable_layers, layer_subgraph, trace_deployment,
 )
@@ -40,6 +40,7 @@ from hmqsearch.errors import UserError
 from hmqsearch.export.verify import graph_feed, providers, session
 from hmqsearch.inputs import Inputs, apply, take
 from hmqsearch.quant.prepare import QuantModel
+from hmqsearch.quant.scheme import Scheme
 
 
 def device_name() -> str:
@@ -57,7 +58,7 @@ def device_name() -> str:
 
 
 def unit_model(
-    layer: DeployedLayer, input_shape: tuple[int, ...], batch: int, output_q: tuple[QScheme, str | None] | None
+    layer: DeployedLayer, input_shape: tuple[int, ...], batch: int, output_q: tuple[Scheme, str | None] | None
 ) -> onnx.ModelProto:
     """One layer as deployed, with its output quantized when ``output_q`` = (scheme, activation)."""
     fused = output_q is not None
@@ -109,13 +110,13 @@ def _structure(qmodel: QuantModel, example: torch.Tensor) -> dict[int, tuple[int
 
 def _output_quantizer(
     unit: DeployedLayer, consumer: tuple[int, str | None] | None, layers: list[DeployedLayer]
-) -> tuple[QScheme, str | None] | None:
+) -> tuple[Scheme, str | None] | None:
     """The consumer's quantizer at 8 bits when this precision lets onnxruntime fuse the layer."""
     if consumer is None or unit.wscheme is None or unit.ascheme is None or unit.ascheme.container_bits != 8:
         return None
     j, act = consumer
     nxt = layers[j].ascheme
-    return None if nxt is None else (QScheme(8, nxt.signed, nxt.threshold_exp), act)
+    return None if nxt is None else (nxt.at_bits(8), act)
 
 
 def profile_layers(

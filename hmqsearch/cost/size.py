@@ -23,22 +23,17 @@ from torch import Tensor
 
 from hmqsearch.quant.layers import QuantConv2d, QuantLinear
 from hmqsearch.quant.prepare import QuantModel
+from hmqsearch.quant.scheme import INT4_MAX_BITS, container_bits
 
 FLOAT_BYTES = 4
 SCALE_EXP_BYTES = 1  # power-of-two scale stored as its int8 exponent
 SCALE_FLOAT_BYTES = 4
 BIAS_BYTES = 4
-INT4_MAX_BITS = 4  # widths up to this are stored as int4 in the graph, wider ones as int8
 BASES = ("packed", "container")
 
 
 def _bias_bytes(layer: QuantConv2d | QuantLinear) -> int:
     return BIAS_BYTES * layer.bias.numel() if layer.bias is not None else 0
-
-
-def container_bits(bits: int) -> int:
-    """Storage bits of a ``bits``-wide value in the deployment graph: int4 for 1-4, int8 for 5-8."""
-    return 4 if bits <= INT4_MAX_BITS else 8
 
 
 def layer_weight_bytes(layer: QuantConv2d | QuantLinear, bits: int | None, basis: str = "packed") -> int:
@@ -60,7 +55,8 @@ def overhead_bytes(qmodel: QuantModel, basis: str = "packed") -> int:
 
 def weight_bits(layer: QuantConv2d | QuantLinear) -> int | None:
     """Bit-width of the layer's argmax weight scheme (None when its weights stay float)."""
-    return None if layer.wq.float_pinned else layer.wq.scheme().bits
+    scheme = layer.wq.argmax()
+    return None if scheme is None else scheme.bits
 
 
 def exact_weight_bytes(qmodel: QuantModel, basis: str = "packed") -> dict[str, int]:

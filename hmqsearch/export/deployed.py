@@ -14,42 +14,11 @@ import numpy as np
 import torch
 
 from hmqsearch.errors import UserError
-from hmqsearch.quant.functional import channel_view, int_range, quantize_to_int, step_shift
-from hmqsearch.quant.hmq import HMQQuantizer
+from hmqsearch.quant.assignment import Assignment, LayerSchemes
+from hmqsearch.quant.functional import channel_view, quantize_to_int
 from hmqsearch.quant.layers import QuantConv1d, QuantConv2d, QuantEmbedding
 from hmqsearch.quant.prepare import QuantLayer, QuantModel
-
-
-@dataclass(frozen=True)
-class QScheme:
-    """A discrete power-of-two scheme: bits, signedness, threshold exponents (one per channel)."""
-
-    bits: int
-    signed: bool
-    threshold_exp: tuple[int, ...]
-
-    @property
-    def qrange(self) -> tuple[int, int]:
-        return int_range(self.bits, self.signed)
-
-    @property
-    def steps(self) -> np.ndarray:
-        """float32 steps 2^(e - (b-1)) signed, 2^(e - b) unsigned, 2^(e - 1) binary: exact powers of two."""
-        shift = step_shift(self.bits, self.signed)
-        return np.array([2.0 ** (e - shift) for e in self.threshold_exp], dtype=np.float32)
-
-    @property
-    def container_bits(self) -> int:
-        """int4/uint4 for 1-4 bits, int8/uint8 for 5-8 (DESIGN.md)."""
-        return 4 if self.bits <= 4 else 8
-
-    @property
-    def fills_container(self) -> bool:
-        """True when the integer range is the whole container's (no extra clamp needed)."""
-        return self.bits == self.container_bits
-
-    def at_bits(self, bits: int) -> "QScheme":
-        return replace(self, bits=bits)
+from hmqsearch.quant.scheme import Scheme
 
 
 @dataclass
@@ -61,8 +30,8 @@ class DeployedLayer:
     weight: np.ndarray  # float32, the dequantized weights when quantized (q * step)
     float_weight: np.ndarray  # float32, the layer's own (unquantized) weights
     codes: np.ndarray | None  # int32 weight codes, None when the weights stay float
-    wscheme: QScheme | None
-    ascheme: QScheme | None  # None: the input stays float
+    wscheme: Scheme | None
+    ascheme: Scheme | None  # None: the input stays float
     bias: np.ndarray | None
     stride: tuple[int, ...] = (1, 1)
     pads: tuple[int, ...] = (0, 0, 0, 0)  # ONNX order: begins then ends
@@ -81,22 +50,14 @@ class DeployedLayer:
         return replace(self, weight=weight, codes=codes, wscheme=wscheme, ascheme=ascheme)
 
 
-def scheme_of(q: HMQQuantizer) -> QScheme | None:
-    """The argmax scheme of ``q``; None when the tensor is pinned to float."""
-    if q.float_pinned:
-        return None
-    s = q.scheme()
-    return QScheme(s.bits, s.signed, tuple(s.threshold_exp))
-
-
-def quantize_codes(weight: torch.Tensor, scheme: QScheme) -> np.ndarray:
+def quantize_codes(weight: torch.Tensor, scheme: Scheme) -> np.ndarray:
     """Integer codes clamp(round(w / step)) with per-output-channel (axis 0) or scalar steps."""
     steps = torch.from_numpy(scheme.steps)
     step = channel_view(steps, weight.dim(), 0) if steps.numel() > 1 else steps.reshape(())
     return quantize_to_int(weight.detach().float().cpu(), step, scheme.bits, scheme.signed).numpy()
 
 
-def dequantize_codes(codes: np.ndarray, scheme: QScheme) -> np.ndarray:
+def dequantize_codes(codes: np.ndarray, scheme: Scheme) -> np.ndarray:
     steps = scheme.steps
     if steps.size > 1:
         steps = steps.reshape((-1,) + (1,) * (codes.ndim - 1))
@@ -114,8 +75,8 @@ def _conv_pads(layer: QuantConv1d | QuantConv2d) -> tuple[int, ...]:
     return tuple(layer.padding) * 2
 
 
-def deployed_layer(name: str, layer: QuantLayer) -> DeployedLayer:
-    wscheme, ascheme = scheme_of(layer.wq), scheme_of(layer.aq)
+def deployed_layer(name: str, layer: QuantLayer, schemes: LayerSchemes) -> DeployedLayer:
+    wscheme, ascheme = schemes
     weight = layer.weight.detach().float().cpu()
     codes = None if wscheme is None else quantize_codes(weight, wscheme)
     bias = layer.effective_bias()
@@ -138,4 +99,5 @@ def deployed_layer(name: str, layer: QuantLayer) -> DeployedLayer:
 
 def deployed_layers(qmodel: QuantModel) -> list[DeployedLayer]:
     """Every quantized layer of ``qmodel`` in execution order, at its argmax assignment."""
-    return [deployed_layer(name, layer) for name, layer in qmodel.layers()]
+    assignment = Assignment.of(qmodel)
+    return [deployed_layer(name, layer, assignment[name]) for name, layer in qmodel.layers()]

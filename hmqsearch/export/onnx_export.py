@@ -67,13 +67,14 @@ from torch import Tensor, nn
 
 from hmqsearch.errors import UserError
 from hmqsearch.export.bn_fold import fold_batchnorm_into
-from hmqsearch.export.deployed import DeployedLayer, QScheme, deployed_layers
+from hmqsearch.export.deployed import DeployedLayer, deployed_layers
 from hmqsearch.export.intpack import pack
 from hmqsearch.inputs import Inputs, apply, named_tensors, rebuild, run_model, structure, take
 from hmqsearch.io import atomic_write
 from hmqsearch.quant.attention import fastpath_disabled
 from hmqsearch.quant.fold import _replace_module
 from hmqsearch.quant.prepare import QuantModel
+from hmqsearch.quant.scheme import Scheme
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,12 @@ _CONTAINER = {(4, True): TensorProto.INT4, (4, False): TensorProto.UINT4,
               (8, True): TensorProto.INT8, (8, False): TensorProto.UINT8}
 
 
-def container_type(scheme: QScheme) -> int:
+def container_type(scheme: Scheme) -> int:
     """ONNX element type holding the scheme's codes."""
     return _CONTAINER[(scheme.container_bits, scheme.signed)]
 
 
-def int_initializer(name: str, codes: np.ndarray, scheme: QScheme) -> onnx.TensorProto:
+def int_initializer(name: str, codes: np.ndarray, scheme: Scheme) -> onnx.TensorProto:
     """Integer codes as an int8/uint8 or (packed, low nibble first) int4/uint4 initializer."""
     if scheme.container_bits == 8:
         return numpy_helper.from_array(codes.astype(np.int8 if scheme.signed else np.uint8), name)
@@ -101,7 +102,7 @@ def int_initializer(name: str, codes: np.ndarray, scheme: QScheme) -> onnx.Tenso
     return helper.make_tensor(name, container_type(scheme), list(codes.shape), raw, raw=True)
 
 
-def _zero_point(name: str, scheme: QScheme, shape: list[int]) -> onnx.TensorProto:
+def _zero_point(name: str, scheme: Scheme, shape: list[int]) -> onnx.TensorProto:
     return int_initializer(name, np.zeros(shape, dtype=np.int32), scheme)
 
 
@@ -133,7 +134,7 @@ class Subgraph:
         return output
 
 
-def quantize_dequantize(sub: Subgraph, x: str, scheme: QScheme, prefix: str) -> str:
+def quantize_dequantize(sub: Subgraph, x: str, scheme: Scheme, prefix: str) -> str:
     """x -> [Clip] -> QuantizeLinear -> DequantizeLinear for a per-tensor activation scheme."""
     step = float(scheme.steps[0])
     qmin, qmax = scheme.qrange
@@ -162,7 +163,7 @@ def _weight(sub: Subgraph, layer: DeployedLayer, form: str, fused: bool) -> str:
         return sub.node("Mul", [wf, scale], f"{name}.weight_dequantized")
     scale = sub.init(_f32(steps if per_channel else steps[0], f"{name}.weight_scale"), "overhead")
     if form == "onnxruntime" and scheme.container_bits == 4:  # int4 codes widened for QLinearConv
-        scheme = QScheme(8, scheme.signed, scheme.threshold_exp)
+        scheme = scheme.at_bits(8)
         w = sub.node("Cast", [w], f"{name}.weight_int8", to=container_type(scheme))
     zp = sub.init(_zero_point(f"{name}.weight_zero_point", scheme, [steps.size] if per_channel else []))
     attrs = {"axis": 0} if per_channel else {}

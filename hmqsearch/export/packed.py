@@ -15,8 +15,8 @@
 
 The weight-tensor bytes are exactly :func:`hmqsearch.cost.size.exact_weight_bytes` on the
 "packed" basis, and the exponent and bias bytes exactly :func:`hmqsearch.cost.size.overhead_bytes`.  ``<base>.json`` holds the architecture (a Hydra ``_target_`` and its
-arguments, or null), the QuantSpec, the inputs' structure, the per-layer schemes (as in
-precision.yaml) and the sha256 of the tensor file.  :func:`load_packed` loads into a model the
+arguments, or null), the QuantSpec, the inputs' structure, the assignment (as in precision.yaml)
+and the sha256 of the tensor file.  :func:`load_packed` loads into a model the
 caller constructs (``load_packed(path, MyModel())``), or builds it from the ``_target_``.
 """
 
@@ -36,12 +36,13 @@ from safetensors.numpy import save as st_save
 
 from hmqsearch.cost.size import exact_weight_bytes, overhead_bytes
 from hmqsearch.errors import UserError
-from hmqsearch.export.deployed import QScheme, dequantize_codes, deployed_layers
+from hmqsearch.export.deployed import dequantize_codes, deployed_layers
 from hmqsearch.export.intpack import pack, packed_size, unpack
-from hmqsearch.export.precision import apply_precision, assignment
 from hmqsearch.inputs import Inputs, named_tensors, rebuild, structure, take
 from hmqsearch.io import atomic_write, write_json
-from hmqsearch.quant.prepare import Pin, QuantModel, QuantSpec, prepare
+from hmqsearch.quant.assignment import Assignment
+from hmqsearch.quant.prepare import Pin, QuantLayer, QuantModel, QuantSpec, prepare
+from hmqsearch.quant.scheme import Scheme
 
 FORMAT = "hmqsearch-packed"
 VERSION = 2  # 2: the inputs' structure and one example sample (1: a float input_shape only)
@@ -142,7 +143,7 @@ def save_packed(
         "inputs": structure(example),
         "layer_names": list(qmodel.layer_names),
         "folded_batchnorm": [list(p) for p in qmodel.folded],
-        "layers": assignment(qmodel),
+        "layers": Assignment.of(qmodel).to_dict(),
         "packed_bytes": packed_bytes,
         "per_layer_packed_bytes": per_layer,
         "overhead_bytes": overhead,
@@ -254,6 +255,24 @@ def _build(meta: dict[str, Any], source: Path, net: Any, example: Inputs) -> Qua
     return qmodel
 
 
+def _stored_weight(
+    tensors: dict[str, np.ndarray], name: str, layer: QuantLayer, scheme: Scheme | None, paths: tuple[Path, Path]
+) -> np.ndarray:
+    """The layer's float32 weights: stored as float, or unpacked and dequantized at ``scheme``."""
+    st_path, json_path = paths
+    if scheme is None:
+        return _tensor(tensors, f"{name}.weight", st_path)
+    exps = _tensor(tensors, f"{name}.weight_exp", st_path)
+    if tuple(int(e) for e in exps) != scheme.threshold_exp:
+        raise UserError(f"packed checkpoint {st_path}: {name}.weight_exp disagrees with {json_path.name}")
+    data = _tensor(tensors, f"{name}.weight_packed", st_path)
+    n = layer.weight.numel()
+    if data.size != packed_size(n, scheme.bits):
+        raise UserError(f"packed checkpoint {st_path}: {name}.weight_packed has {data.size} bytes, expected {packed_size(n, scheme.bits)}")
+    codes = unpack(data, n, scheme.bits, scheme.signed).reshape(tuple(layer.weight.shape))
+    return dequantize_codes(codes, scheme)
+
+
 @torch.no_grad()
 def load_packed(path: str | Path, model: torch.nn.Module | None = None, example: Inputs | None = None) -> QuantModel:
     """Rebuild the runnable fixed-state quantized model from a packed checkpoint.
@@ -268,22 +287,11 @@ def load_packed(path: str | Path, model: torch.nn.Module | None = None, example:
     tensors = _read_tensors(st_path, meta)
     net = model if model is not None else _architecture(meta, json_path)
     qmodel = _build(meta, json_path, net, example if example is not None else _stored_example(meta, tensors, json_path))
-    apply_precision(qmodel, {"layers": meta["layers"]}, source=str(json_path))
-    for name, layer in qmodel.layers():
-        if layer.wq.float_pinned:
-            weight = _tensor(tensors, f"{name}.weight", st_path)
-        else:
-            s = layer.wq.scheme()
-            scheme = QScheme(s.bits, s.signed, tuple(s.threshold_exp))
-            exps = _tensor(tensors, f"{name}.weight_exp", st_path)
-            if tuple(int(e) for e in exps) != scheme.threshold_exp:
-                raise UserError(f"packed checkpoint {st_path}: {name}.weight_exp disagrees with {json_path.name}")
-            data = _tensor(tensors, f"{name}.weight_packed", st_path)
-            n = layer.weight.numel()
-            if data.size != packed_size(n, scheme.bits):
-                raise UserError(f"packed checkpoint {st_path}: {name}.weight_packed has {data.size} bytes, expected {packed_size(n, scheme.bits)}")
-            codes = unpack(data, n, scheme.bits, scheme.signed).reshape(tuple(layer.weight.shape))
-            weight = dequantize_codes(codes, scheme)
+    Assignment.from_dict(meta["layers"], str(json_path)).apply(qmodel, str(json_path))
+    layers = dict(qmodel.layers())
+    for name, schemes in Assignment.of(qmodel).items():
+        layer = layers[name]
+        weight = _stored_weight(tensors, name, layer, schemes.weight, (st_path, json_path))
         if tuple(weight.shape) != tuple(layer.weight.shape):
             raise UserError(f"packed checkpoint {st_path}: {name} weight shape {weight.shape} != {tuple(layer.weight.shape)}")
         layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal, Sequence
 
 import torch
@@ -31,25 +30,13 @@ from torch import Tensor, nn
 
 from hmqsearch.kernels import fake_quant
 from hmqsearch.quant.autocast import float32_under_autocast
-from hmqsearch.quant.functional import binary_quant, channel_view, step_shift
+from hmqsearch.quant.functional import binary_quant, channel_view
+from hmqsearch.quant.scheme import Scheme
 
 Mode = Literal["expected", "mixture", "hard"]
 State = Literal["float", "search", "fixed"]
 MODES: tuple[str, ...] = ("expected", "mixture", "hard")
 ROW_PRIOR = 4.0  # nats of prior on each bit-width's preferred threshold
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """A discrete quantization scheme of one quantizer: bit-width and threshold exponents."""
-
-    bits: int
-    threshold_exp: tuple[int, ...]  # one exponent per channel (one entry when per tensor)
-    signed: bool
-
-    def steps(self) -> Tensor:
-        shift = step_shift(self.bits, self.signed)
-        return torch.tensor([2.0 ** (e - shift) for e in self.threshold_exp])
 
 
 @contextmanager
@@ -71,7 +58,8 @@ class HMQQuantizer(nn.Module):
 
     ``state`` selects the behaviour: ``"float"`` passes the input through, ``"search"`` samples
     with Gumbel-Softmax in training mode (argmax in eval mode), ``"fixed"`` always uses the
-    argmax scheme (fine-tuning, export).
+    argmax scheme (fine-tuning, export).  A quantizer built with ``float_pinned=True`` (a tensor
+    the model leaves float) stays in ``"float"`` whatever state it is put in.
     """
 
     def __init__(
@@ -84,6 +72,7 @@ class HMQQuantizer(nn.Module):
         num_channels: int = 1,
         mode: Mode = "expected",
         init_mass: float = 0.95,
+        float_pinned: bool = False,
     ) -> None:
         super().__init__()
         if not bits:
@@ -91,7 +80,8 @@ class HMQQuantizer(nn.Module):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
         self.mode: Mode = mode
-        self.state: State = "float"
+        self._float_pinned = float_pinned
+        self._state: State = "float"
         self.register_buffer("signed_flag", torch.tensor(signed))
         self.per_channel_axis = per_channel_axis
         self.register_buffer("bits", torch.tensor(sorted(set(bits)), dtype=torch.float32))
@@ -102,6 +92,20 @@ class HMQQuantizer(nn.Module):
         self.init_mass = init_mass
         self.argmax_costs = False  # see bit_probs
         self.logits = nn.Parameter(self._initial_logits(init_mass))
+
+    # ---------------------------------------------------------------- state
+    @property
+    def float_pinned(self) -> bool:
+        """Whether the tensor stays float: the quantizer never quantizes and has no scheme."""
+        return self._float_pinned
+
+    @property
+    def state(self) -> State:
+        return "float" if self._float_pinned else self._state
+
+    @state.setter
+    def state(self, value: State) -> None:
+        self._state = value
 
     # ----------------------------------------------------------------- grid
     @property
@@ -155,14 +159,6 @@ class HMQQuantizer(nn.Module):
         best = self.candidate_mse(x).argmin(1)
         with torch.no_grad():
             self.logits.copy_(self._initial_logits(self.init_mass, best).to(self.logits.device))
-
-    def start_at(self, bits: int) -> None:
-        """Move the initial mass to bit-width ``bits``, each row keeping its preferred threshold
-        (the row's argmax: the initial logits put the row prior there)."""
-        row = self.candidate_bits.index(bits)
-        best = self.logits.detach().argmax(1)
-        with torch.no_grad():
-            self.logits.copy_(self._initial_logits(self.init_mass, best, row).to(self.logits.device))
 
     def set_range(self, r: Tensor | float) -> None:
         """Centre the threshold grid on range estimate(s) ``r``: M = ceil(log2 r)."""
@@ -236,20 +232,66 @@ class HMQQuantizer(nn.Module):
         """(bit index, threshold index) of the argmax candidate."""
         return divmod(int(self._chosen_row()), self.n_thresholds)
 
-    def scheme(self) -> Scheme:
-        b, j = self.chosen_index()
+    def scheme_at(self, bits: int, threshold_index: int | None = None) -> Scheme:
+        """Candidate (``bits``, t_j) as a scheme; ``threshold_index`` None: that bit-width's
+        preferred threshold (the highest logit of its row)."""
+        b = self._bit_index(bits)
+        j = int(self.logits.detach()[b].argmax()) if threshold_index is None else threshold_index
+        if not 0 <= j < self.n_thresholds:
+            raise ValueError(f"threshold index {j} is not on this grid of {self.n_thresholds} thresholds")
         exps = (self.base_exp + 1 - j).round().to(torch.int64).tolist()
-        return Scheme(int(self.bits[b]), tuple(int(e) for e in exps), self.signed)
+        return Scheme(bits, self.signed, tuple(int(e) for e in exps), self.per_channel_axis is not None)
 
-    def fix_to(self, bits: int, threshold_index: int | None = None) -> None:
-        """Make (bits, threshold) the argmax by a wide margin (used by repair and baselines)."""
-        if bits not in self.candidate_bits:
-            raise ValueError(f"bits={bits} is not a candidate of this quantizer ({list(self.candidate_bits)})")
-        b = self.candidate_bits.index(bits)
-        j = self.chosen_index()[1] if threshold_index is None else threshold_index
+    def argmax(self) -> Scheme | None:
+        """The argmax candidate as a scheme; None when the quantizer is pinned to float."""
+        if self.float_pinned:
+            return None
+        b, j = self.chosen_index()
+        return self.scheme_at(self.candidate_bits[b], j)
+
+    def fix(self, scheme: Scheme | None, *, start: bool = False) -> None:
+        """Make ``scheme`` the argmax: the one way an assignment is written into the logits.
+
+        The other candidates keep their logits (the search's margins and second choices stay
+        readable); ``start=True`` writes the search's initial logits instead, ``init_mass`` on
+        ``scheme`` and each other bit-width's preferred threshold keeping its prior.  Thresholds
+        off the grid re-centre it on the scheme's (a precision file from another calibration).
+        None (float) is the only scheme of a quantizer pinned to float, and only there.
+        """
+        if (scheme is None) != self.float_pinned:
+            raise ValueError("float given but the model quantizes this tensor" if scheme is None
+                             else f"{scheme.bits} bits given but the tensor is pinned to float")
+        if scheme is None:
+            return
+        b, j = self._candidate_index(scheme)
         with torch.no_grad():
-            self.logits.fill_(0.0)
-            self.logits[b, j] = 20.0
+            if start:
+                best = self.logits.detach().argmax(1)
+                best[b] = j
+                self.logits.copy_(self._initial_logits(self.init_mass, best, b).to(self.logits.device))
+            else:
+                self.logits[b, j] = self.logits.max() + 1.0
+
+    def _bit_index(self, bits: int) -> int:
+        if bits not in self.candidate_bits:
+            raise ValueError(f"bits={bits} is not a candidate here (allowed {list(self.candidate_bits)})")
+        return self.candidate_bits.index(bits)
+
+    def _candidate_index(self, scheme: Scheme) -> tuple[int, int]:
+        """(bit index, threshold index) of ``scheme``, taking over its signedness, and its
+        thresholds as the grid's when they are not on it."""
+        b = self._bit_index(scheme.bits)
+        channels = self.base_exp.numel()
+        if len(scheme.threshold_exp) not in (1, channels):
+            raise ValueError(f"{len(scheme.threshold_exp)} threshold exponents for {channels} channels")
+        exps = torch.tensor(scheme.threshold_exp, dtype=torch.float32, device=self.base_exp.device)
+        offsets = set((self.base_exp + 1 - exps).tolist())
+        j = offsets.pop() if len(offsets) == 1 else None
+        if j is None or not j.is_integer() or not 0 <= j < self.n_thresholds:
+            self.base_exp.copy_((exps - 1.0).expand_as(self.base_exp))
+            j = 0.0
+        self.signed = scheme.signed
+        return b, int(j)
 
     def is_discrete(self) -> bool:
         """True when the forward pass applies the argmax scheme (fixed state, or search in eval)."""

@@ -147,10 +147,9 @@ class QuantModel(nn.Module):
             yield f"{name}.input", layer.aq
 
     def set_state(self, state: State) -> None:
-        """Put every quantizer that is not pinned to float into ``state``."""
+        """Put every quantizer into ``state`` (those pinned to float stay float)."""
         for _, q in self.quantizers():
-            if not getattr(q, "float_pinned", False):
-                q.state = state
+            q.state = state
 
     def set_tau(self, tau: float) -> None:
         for _, q in self.quantizers():
@@ -302,12 +301,10 @@ def _make_quantizer(
     pinned: int | str | None, bits: Sequence[int], spec: QuantSpec, *, channels: int, axis: int | None
 ) -> HMQQuantizer:
     cand = [pinned] if isinstance(pinned, int) else list(bits)
-    q = HMQQuantizer(
+    return HMQQuantizer(
         cand, spec.n_thresholds, signed=True, per_channel_axis=axis, num_channels=channels, mode=spec.mode,  # type: ignore[arg-type]
-        init_mass=spec.init_mass,
+        init_mass=spec.init_mass, float_pinned=pinned == "float",
     )
-    q.float_pinned = pinned == "float"
-    return q
 
 
 def prepare(model: nn.Module, spec: QuantSpec, example_input: Inputs) -> QuantModel:

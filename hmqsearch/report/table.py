@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from hmqsearch.export.precision import assignment
+from hmqsearch.quant.assignment import Assignment
 from hmqsearch.quant.prepare import QuantModel
 
 
@@ -23,7 +23,7 @@ def print_final_table(qmodel: QuantModel, summary: dict[str, Any], layer_bytes: 
     layers = Table(title="Precision assignment", title_justify="left")
     for col in ("layer", "W bits", "A bits", "packed bytes"):
         layers.add_column(col, justify="left" if col == "layer" else "right")
-    for name, entry in assignment(qmodel).items():
+    for name, entry in Assignment.of(qmodel).to_dict().items():
         layers.add_row(name, _bits(entry["weight"]), _bits(entry["input"]), f"{layer_bytes[name]:,}")
     console.print(layers)
 
