@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from hmqsearch.errors import UserError
-from hmqsearch.quant.functional import channel_view, int_range, quantize_to_int, step_shift
+from hmqsearch.kernels.torch_impl import channel_view
+from hmqsearch.quant.functional import int_range, quantize_to_int, step_shift
 from hmqsearch.quant.hmq import HMQQuantizer
 from hmqsearch.quant.layers import QuantConv1d, QuantConv2d, QuantEmbedding
 from hmqsearch.quant.prepare import QuantLayer, QuantModel
