@@ -107,7 +107,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from hmqsearch.cost.profiler import profile_layers
+    from hmqsearch.export.profiler import profile_layers
     from hmqsearch.pipeline import quant_spec
     from hmqsearch.quant.calibrate import calibrate_activations
     from hmqsearch.quant.prepare import prepare

@@ -7,8 +7,8 @@ import math
 import torch
 
 from hmqsearch.cost.latency import FLOAT_BITS, LatencyTable, build_latency_table, exact_latency, expected_latency
-from hmqsearch.cost.profiler import measure_graph_latency, profile_layers
 from hmqsearch.export.onnx_export import export_onnx
+from hmqsearch.export.profiler import measure_graph_latency, profile_layers
 from hmqsearch.models.small_cnn import SmallCNN
 from hmqsearch.quant.calibrate import calibrate_activations
 from hmqsearch.quant.prepare import Pin, QuantSpec, prepare

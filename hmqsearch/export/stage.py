@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from hmqsearch.cost.latency import LatencyTable, build_latency_table, exact_total_latency
-from hmqsearch.cost.profiler import device_name, measure_graph_latency
+from hmqsearch.export.profiler import device_name, measure_graph_latency
 from hmqsearch.errors import UserError
 from hmqsearch.export.budget_check import check_budgets
 from hmqsearch.export.onnx_export import FORMS, export_onnx
