@@ -80,7 +80,7 @@ def test_report_lists_failed_runs_and_rejects_a_missing_folder(sweep: Path, tmp_
 def test_baseline_runs_reload_with_their_own_precision(sweep: Path):
     """A finished baseline run rebuilds for export: its spec holds the method's single precision."""
     from hmqsearch.export.precision import assignment
-    from hmqsearch.export.stage import load_run
+    from hmqsearch.run.load import load_run
 
     layers = assignment(load_run(sweep / "1").qmodel)
     assert {e["weight"]["bits"] for e in layers.values()} == {4}
