@@ -1,5 +1,6 @@
-"""The package's shape: no import cycle, no import from a lower layer to a higher one, no
-function longer than 60 lines (docs/architecture.md, "The package's layers").
+"""The package's shape (docs/architecture.md, "The package's layers"): no import cycle, no
+import from a lower layer to a higher one, no config system (Hydra, OmegaConf) in the artifacts
+and the layers below them, no function longer than 60 lines.
 
 Imports inside functions count: deferring an import hides a cycle from Python, not from a reader.
 """
@@ -17,17 +18,17 @@ MAX_FUNCTION_LINES = 60
 #         the layers directly below it).  A module may import its own layer and every layer below.
 LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "base": (("errors", "io", "inputs", "quiet", "kernels"), ()),
-    "quant": (("quant",), ("base",)),
-    "cost": (("cost",), ("quant",)),
-    "constrained": (("constrained",), ("cost",)),
-    "training": (("data", "models", "lit"), ("constrained",)),
-    "artifacts": (("export", "report"), ("constrained",)),
-    "methods": (("baselines", "methods"), ("training", "artifacts")),
+    "numerics": (("quant",), ("base",)),
+    "costs": (("cost",), ("numerics",)),
+    "constraints": (("constrained",), ("costs",)),
+    "training": (("data", "models", "lit"), ("constraints",)),
+    "artifacts": (("export", "report"), ("constraints",)),
+    "methods": (("baselines",), ("training", "artifacts")),
     "run": (("run", "api", "resume", "sweep", "lr_scaling", "config_check", "config_keys"), ("methods",)),
     "tools": (("", "cli", "report.__main__", "report.runs", "report.pareto"), ("run",)),
 }
 # Layers that know no config system: they take values, not Hydra nodes.
-CONFIG_FREE = ("base", "quant", "cost", "constrained", "artifacts")
+CONFIG_FREE = ("base", "numerics", "costs", "constraints", "artifacts")
 CONFIG_PACKAGES = ("hydra", "omegaconf")
 # The packed checkpoint names its architecture as a ``_target_`` node, which load_packed
 # builds with Hydra's instantiate when the caller passes no model.

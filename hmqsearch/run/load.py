@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
 import yaml
 from hydra.utils import instantiate
@@ -24,8 +23,11 @@ from hmqsearch.export.verify import first_batch
 from hmqsearch.inputs import take
 from hmqsearch.quant.prepare import QuantModel, QuantSpec, prepare
 from hmqsearch.run.config import quant_spec
-from hmqsearch.run.summary import SUMMARY
 
+if TYPE_CHECKING:  # Lightning is not imported to read a summary (the report)
+    import pytorch_lightning as pl
+
+SUMMARY = "summary.json"
 PRECISION = "precision.yaml"
 QUANTIZED_STATE = "quantized_state.pt"
 HYDRA = ".hydra"

@@ -54,9 +54,9 @@ from hmqsearch.run.config import (
     budget_spec, check_counts, distill_spec, instantiate_node, latency_table, proximity_spec, quant_spec, ramp_spec,
     run_method,
 )
-from hmqsearch.run.load import PRECISION, QUANTIZED_STATE
+from hmqsearch.run.load import PRECISION, QUANTIZED_STATE, SUMMARY
 from hmqsearch.run.state import RunState
-from hmqsearch.run.summary import SUMMARY, record_export, summarize
+from hmqsearch.run.summary import record_export, summarize
 from hmqsearch.run.training import train_finetune, train_float, train_search
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ from hmqsearch.constrained.allocation import Sensitivity
 from hmqsearch.export.verify import VerificationError
 from hmqsearch.io import write_json
 from hmqsearch.lit.ddp import world_size
+from hmqsearch.run.load import SUMMARY
 from hmqsearch.run.state import RunState
 
-SUMMARY = "summary.json"
 OMIT_IF_NONE = {"omit_if_none": True}  # a key a baseline's summary leaves out
 
 
