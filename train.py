@@ -27,12 +27,12 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from hmqsearch.config_check import check_numbers
 from hmqsearch.config_keys import check_overrides
 from hmqsearch.errors import RunHalted, UserError
-from hmqsearch.export.stage import run_export_stage
 from hmqsearch.export.verify import VerificationError
-from hmqsearch.pipeline import run
 from hmqsearch.quiet import silence_third_party_notices
 from hmqsearch.report.table import print_export_table
 from hmqsearch.resume import resume_argv
+from hmqsearch.run.export_stage import run_export_stage
+from hmqsearch.run.stages import run
 from hmqsearch.sweep import record_failure
 
 log = logging.getLogger("hmqsearch")

@@ -30,10 +30,10 @@ from hmqsearch.constrained.proximity import ProximityConstraints, ProximitySpec
 from hmqsearch.data.cifar10 import CIFAR10DataModule
 from hmqsearch.lit.classifier import ClassifierModule
 from hmqsearch.lit.distill import Distiller
+from hmqsearch.lit.evaluate import evaluate
 from hmqsearch.lit.search import SearchModule
 from hmqsearch.models.pretrained import load_pretrained
 from hmqsearch.models.resnet_cifar import resnet20
-from hmqsearch.pipeline import evaluate
 from hmqsearch.quant.calibrate import calibrate_activations
 from hmqsearch.quant.prepare import QuantModel, QuantSpec, prepare
 from hmqsearch.report.sensitivity import ranked, spearman, write_sensitivity_report

@@ -20,8 +20,8 @@ import torch
 
 from hmqsearch.data.cifar10 import CIFAR10DataModule
 from hmqsearch.lit.classifier import ClassifierModule
+from hmqsearch.lit.evaluate import evaluate
 from hmqsearch.models.mobilenetv2_cifar import mobilenetv2_cifar
-from hmqsearch.pipeline import evaluate
 
 
 def main() -> None:

@@ -33,10 +33,10 @@ from torch import nn
 
 from hmqsearch.data.cifar10 import CIFAR10DataModule
 from hmqsearch.data.common import IMAGENET_MEAN, IMAGENET_STD
+from hmqsearch.lit.evaluate import evaluate
 from hmqsearch.models.mobilenetv2_cifar import mobilenetv2_cifar
 from hmqsearch.models.pretrained import load_pretrained
 from hmqsearch.models.resnet_cifar import resnet20
-from hmqsearch.pipeline import evaluate
 from hmqsearch.quant.bn_ranges import DEFAULT_K, input_ranges
 from hmqsearch.quant.calibrate import calibrate_activations
 from hmqsearch.quant.calibration import METHODS

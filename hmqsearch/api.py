@@ -34,7 +34,8 @@ from hmqsearch.constrained.repair import RepairStep, fill, repair
 from hmqsearch.constrained.warm_start import warm_start
 from hmqsearch.cost import model_size, size
 from hmqsearch.errors import UserError
-from hmqsearch.export.stage import export_config, export_run
+from hmqsearch.export.deploy import export_config, export_quantized
+from hmqsearch.export.verify import first_batch
 from hmqsearch.inputs import Inputs, run_model, take
 from hmqsearch.io import write_json
 from hmqsearch.lit.classifier import ClassifierModule
@@ -202,7 +203,9 @@ def export_model(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return export_run(qmodel, out, loader, export_config(options), arch=arch, spec=qmodel.spec)["export"]
+    return export_quantized(
+        qmodel, out, first_batch(loader), loader, export_config(options), arch=arch, spec=qmodel.spec
+    )["export"]
 
 
 @torch.no_grad()

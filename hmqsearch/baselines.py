@@ -8,7 +8,7 @@
   per-tensor activations at the range from ``search.calibration`` (max, percentile, MSE,
   entropy), each threshold the smallest power of two covering its range.
 
-The pipeline prepares and calibrates the model as for the search, with the candidates
+The run prepares and calibrates the model as for the search, with the candidates
 narrowed to the method's bit-widths, then calls :func:`assign_fixed` in place of the search.
 """
 

@@ -48,19 +48,20 @@ def _export_cfg(args: argparse.Namespace, base: dict[str, Any] | None = None) ->
 def cmd_export(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from hmqsearch.export.budget_check import check_budgets
+    from hmqsearch.export.deploy import export_quantized
     from hmqsearch.export.packed import float_input_shape, load_packed, read_packed_meta
-    from hmqsearch.export.stage import export_run, load_run
-    from hmqsearch.export.verify import random_loader
+    from hmqsearch.export.verify import first_batch, random_loader
     from hmqsearch.quant.prepare import Pin, QuantSpec
+    from hmqsearch.run.budget_check import check_budgets
+    from hmqsearch.run.load import PRECISION, load_run
 
     if (args.run_dir is None) == (args.packed is None):
         raise UserError("export needs exactly one of --run-dir (a finished run) or --packed (a packed checkpoint)")
     if args.run_dir is not None:
         run_dir = Path(args.run_dir)
         run = load_run(run_dir)
-        check_budgets(run.qmodel, run.cfg, str(run_dir / "precision.yaml"), args.allow_over_budget)
-        qmodel, loader, arch, spec = run.qmodel, run.loader, run.arch, run.spec
+        check_budgets(run.qmodel, run.cfg, str(run_dir / PRECISION), args.allow_over_budget)
+        qmodel, loader, arch, spec = run.qmodel, run.datamodule.test_dataloader(), run.arch, run.spec
         base = OmegaConf.to_container(run.cfg.export, resolve=True) if run.cfg.get("export") else {}
         out = Path(args.out) if args.out else run_dir
     else:
@@ -71,7 +72,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         arch, base = meta["architecture"], {}
         loader = random_loader(float_input_shape(meta), args.samples or 256)
         out = Path(args.out) if args.out else Path(args.packed).parent
-    figures = export_run(qmodel, out, loader, _export_cfg(args, base), arch=arch, spec=spec)["export"]
+    figures = export_quantized(
+        qmodel, out, first_batch(loader), loader, _export_cfg(args, base), arch=arch, spec=spec
+    )["export"]
     print(
         f"wrote {out / figures['onnx_path']} ({figures['onnx_bytes']} bytes) and {out / figures['packed_path']} "
         f"({figures['packed_bytes']} weight bytes); {figures['measured_latency_ms']:.3f} ms at batch "
@@ -81,17 +84,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from hmqsearch.export.deploy import DEFAULTS
     from hmqsearch.export.packed import float_input_shape, load_packed, read_packed_meta
-    from hmqsearch.export.stage import DEFAULTS, eval_loader, run_config
     from hmqsearch.export.verify import random_loader, session, verify_onnx
+    from hmqsearch.run.load import PRECISION, build_datamodule, read_run_config
 
     session(args.onnx)  # a clear message for a missing or broken graph before anything else
     meta = read_packed_meta(args.packed)
     qmodel = load_packed(args.packed)
     samples = args.samples or (1000 if args.data_from else 256)
     if args.data_from is not None:
-        _, cfg = run_config(Path(args.data_from))
-        loader = eval_loader(cfg)
+        _, cfg = read_run_config(Path(args.data_from) / PRECISION)
+        loader = build_datamodule(cfg).test_dataloader()
     else:
         loader = random_loader(float_input_shape(meta), samples)
     tolerance = args.tolerance if args.tolerance is not None else DEFAULTS["tolerance_agreement"]
@@ -107,10 +111,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from hmqsearch.cost.profiler import profile_layers
-    from hmqsearch.pipeline import quant_spec
+    from hmqsearch.export.profiler import profile_layers
     from hmqsearch.quant.calibrate import calibrate_activations
     from hmqsearch.quant.prepare import prepare
+    from hmqsearch.run.config import quant_spec
 
     conf_dir = Path(args.config_dir).resolve()
     if not (conf_dir / "train.yaml").is_file():

@@ -45,7 +45,7 @@ def _stage_of(ckpt: Path) -> tuple[Path, str]:
 
 
 def run_finished(run_dir: Path) -> bool:
-    """A run is finished once its summary is final: the pipeline writes ``summary.json`` with
+    """A run is finished once its summary is final: the run writes ``summary.json`` with
     ``"finished": false`` before the export and rewrites it with ``true`` after, so a run killed
     while exporting is resumed (its stages load from their checkpoints, the export runs again)."""
     path = run_dir / "summary.json"

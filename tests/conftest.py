@@ -36,7 +36,7 @@ def train_run(tmp_path: Path):
 
 
 def write_calibrated_run(run_dir: Path, overrides: list[str]) -> Path:
-    """A run directory as the pipeline leaves it, built without training: the digits default with
+    """A run directory as train.py leaves it, built without training: the digits default with
     ``overrides``, calibrated, at the initial argmax assignment (precision.yaml with its config,
     quantized_state.pt)."""
     import torch
@@ -46,10 +46,10 @@ def write_calibrated_run(run_dir: Path, overrides: list[str]) -> Path:
     from omegaconf import OmegaConf
 
     from hmqsearch.export.precision import write_precision
-    from hmqsearch.pipeline import quant_spec
     from hmqsearch.quant.assignment import Assignment
     from hmqsearch.quant.calibrate import calibrate_activations
     from hmqsearch.quant.prepare import prepare
+    from hmqsearch.run.config import quant_spec
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):

@@ -15,9 +15,10 @@ from omegaconf import MissingMandatoryValue, OmegaConf
 from PIL import Image
 
 from hmqsearch.data.cifar10 import CIFAR10DataModule, load_cifar10
-from hmqsearch.data.common import IMAGENET_MEAN, IMAGENET_STD, random_crop_flip
+from hmqsearch.data.common import IMAGENET_MEAN, IMAGENET_STD
 from hmqsearch.data.digits import DigitsDataModule
 from hmqsearch.data.image_folder import ImageFolderDataModule
+from hmqsearch.data.images import random_crop_flip
 from hmqsearch.errors import UserError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

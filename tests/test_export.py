@@ -18,9 +18,9 @@ from torch import nn
 from hmqsearch.cli import main as cli_main
 from hmqsearch.cost.size import exact_weight_bytes, overhead_bytes
 from hmqsearch.errors import UserError
+from hmqsearch.export.deploy import export_quantized
 from hmqsearch.export.deployed import deployed_layers
 from hmqsearch.export.onnx_export import OPSET, build_onnx, export_onnx
-from hmqsearch.export.stage import export_run
 from hmqsearch.export.verify import VerificationError, fail_export, random_loader, verify_onnx
 from hmqsearch.quant.calibrate import calibrate_activations
 from hmqsearch.quant.prepare import Pin, QuantModel, QuantSpec, prepare
@@ -275,7 +275,7 @@ def test_broken_onnx_is_a_user_error(tmp_path, int8_model, damage):
         verify_onnx(path, int8_model, random_loader(SHAPE, 8))
 
 
-def test_export_run_writes_verified_artifacts(tmp_path):
+def test_export_quantized_writes_verified_artifacts(tmp_path):
     from hmqsearch.models.small_cnn import SmallCNN
 
     torch.manual_seed(0)
@@ -286,7 +286,8 @@ def test_export_run_writes_verified_artifacts(tmp_path):
     qmodel.set_state("fixed")
     loader = [(x, torch.randint(0, 10, (32,)))]
     cfg = {"verify_samples": 32, "latency_repeats": 3, "latency_warmup": 1}
-    figures = export_run(qmodel, tmp_path, loader, cfg, arch={"_target_": "hmqsearch.models.small_cnn.SmallCNN"}, spec=spec)["export"]
+    arch = {"_target_": "hmqsearch.models.small_cnn.SmallCNN"}
+    figures = export_quantized(qmodel, tmp_path, x, loader, cfg, arch=arch, spec=spec)["export"]
     assert (tmp_path / "model.onnx").is_file()
     assert (tmp_path / "model.packed.safetensors").is_file() and (tmp_path / "model.packed.json").is_file()
     assert figures["packed_bytes"] == sum(exact_weight_bytes(qmodel, "packed").values())
@@ -294,7 +295,7 @@ def test_export_run_writes_verified_artifacts(tmp_path):
     assert figures["verify"]["agreement"] == 100.0 and figures["verify"]["samples"] == 32
     assert figures["measured_latency_ms"] > 0 and figures["measured_float_latency_ms"] > 0
     with pytest.raises(UserError, match="tolerance_agreement"):
-        export_run(qmodel, tmp_path, loader, {"tolerance_agreement": 150}, arch={"_target_": "x"}, spec=spec)
+        export_quantized(qmodel, tmp_path, x, loader, {"tolerance_agreement": 150}, arch={"_target_": "x"}, spec=spec)
 
 
 def test_cli_help_and_bad_input(tmp_path, capsys):

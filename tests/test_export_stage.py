@@ -50,10 +50,11 @@ def test_stage_export_without_a_run_is_one_clear_message(tmp_path):
 
 
 FAILING_VERIFY = """
-import runpy, sys
-import hmqsearch.export.stage as stage
-real = stage.verify_onnx
-stage.verify_onnx = lambda *a, **k: {**real(*a, **k), "passed": False}
+import os, runpy, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))  # as `python train.py` would: this checkout's package
+import hmqsearch.export.deploy as deploy
+real = deploy.verify_onnx
+deploy.verify_onnx = lambda *a, **k: {**real(*a, **k), "passed": False}
 sys.argv[0] = sys.argv[1]
 del sys.argv[1]
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from hmqsearch.kernels import active_backend, backend, backend_report, fake_quant, torch_impl
 from hmqsearch.kernels.ops import fake_quant_backward_op, fake_quant_op
-from hmqsearch.quant.functional import channel_view, fake_quant_ref
+from hmqsearch.kernels.torch_impl import channel_view
+from hmqsearch.quant.functional import fake_quant_ref
 
 Axis = int | None
 SHAPE = (6, 5, 4, 3)

@@ -7,8 +7,8 @@ import math
 import torch
 
 from hmqsearch.cost.latency import FLOAT_BITS, LatencyTable, build_latency_table, exact_latency, expected_latency
-from hmqsearch.cost.profiler import measure_graph_latency, profile_layers
 from hmqsearch.export.onnx_export import export_onnx
+from hmqsearch.export.profiler import measure_graph_latency, profile_layers
 from hmqsearch.models.small_cnn import SmallCNN
 from hmqsearch.quant.calibrate import calibrate_activations
 from hmqsearch.quant.prepare import Pin, QuantSpec, prepare
@@ -57,13 +57,13 @@ def test_whole_graph_latency(tmp_path):
 
 def test_export_times_at_the_tables_batch_and_reports_its_prediction(tmp_path):
     from hmqsearch.cost.latency import exact_total_latency
-    from hmqsearch.export.stage import export_run
+    from hmqsearch.export.deploy import export_quantized
 
     qmodel, x = _qmodel()
     table = profile_layers(qmodel, x, batch=4, warmup=1, repeats=2)
     loader = [(x, torch.randint(0, 10, (len(x),)))]
-    figures = export_run(
-        qmodel, tmp_path, loader, {"latency_repeats": 3, "latency_warmup": 1, "compare_float": False},
+    figures = export_quantized(
+        qmodel, tmp_path, x, loader, {"latency_repeats": 3, "latency_warmup": 1, "compare_float": False},
         arch={"_target_": "hmqsearch.models.small_cnn.SmallCNN"}, spec=QuantSpec(weight_bits=[4, 8], act_bits=[4, 8]),
         latency_table=table,
     )["export"]

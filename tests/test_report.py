@@ -79,8 +79,8 @@ def test_report_lists_failed_runs_and_rejects_a_missing_folder(sweep: Path, tmp_
 
 def test_baseline_runs_reload_with_their_own_precision(sweep: Path):
     """A finished baseline run rebuilds for export: its spec holds the method's single precision."""
-    from hmqsearch.export.stage import load_run
     from hmqsearch.quant.assignment import Assignment
+    from hmqsearch.run.load import load_run
 
     assignment = Assignment.of(load_run(sweep / "1").qmodel)
     assert {s.weight.bits for s in assignment.values()} == {4}

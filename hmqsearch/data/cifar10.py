@@ -15,13 +15,12 @@ import torch
 from hmqsearch.data.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    ArrayImageDataset,
     ClassificationDataModule,
-    ImageTransform,
     balanced_indices,
     check_count,
     check_normalisation,
 )
+from hmqsearch.data.images import ArrayImageDataset, ImageTransform
 from hmqsearch.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
+from hmqsearch.data.images import ArrayImageDataset
 from hmqsearch.data.sampler import EpochShuffleSampler
 
 AUGMENT_STREAM = 1 << 40  # keeps the augmentation's seeds apart from the shuffle's (seed * 1_000_003 + epoch)
@@ -49,9 +50,7 @@ class InMemorySet:
 
 def in_memory(dataset: Dataset) -> InMemorySet | None:
     """The tensors behind ``dataset`` when it holds them in memory (an
-    :class:`~hmqsearch.data.common.ArrayImageDataset` or a two-tensor ``TensorDataset``), else None."""
-    from hmqsearch.data.common import ArrayImageDataset  # common.py imports this module
-
+    :class:`~hmqsearch.data.images.ArrayImageDataset` or a two-tensor ``TensorDataset``), else None."""
     if isinstance(dataset, ArrayImageDataset):
         t = dataset.transform
         return InMemorySet(dataset.images, dataset.labels, Pixels(t.mean, t.std, t.augment, t.padding))
@@ -61,7 +60,7 @@ def in_memory(dataset: Dataset) -> InMemorySet | None:
 
 
 def crop_flip(images: Tensor, top: Tensor, left: Tensor, flip: Tensor, padding: int) -> Tensor:
-    """Batched :func:`~hmqsearch.data.common.random_crop_flip` at given offsets: image ``i`` of
+    """Batched :func:`~hmqsearch.data.images.random_crop_flip` at given offsets: image ``i`` of
     ``images`` (B x C x H x W) cropped at (``top[i]``, ``left[i]``) out of its copy zero-padded
     by ``padding``, then mirrored left-right where ``flip[i]``; one gather, contiguous output."""
     b, c, h, w = images.shape

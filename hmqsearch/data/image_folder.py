@@ -16,11 +16,11 @@ from hmqsearch.data.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ClassificationDataModule,
-    ImageTransform,
     balanced_indices,
     check_count,
     check_normalisation,
 )
+from hmqsearch.data.images import ImageTransform
 from hmqsearch.errors import UserError
 
 log = logging.getLogger(__name__)

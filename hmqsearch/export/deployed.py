@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from hmqsearch.errors import UserError
+from hmqsearch.kernels.torch_impl import channel_view
 from hmqsearch.quant.assignment import Assignment, LayerSchemes
-from hmqsearch.quant.functional import channel_view, quantize_to_int
+from hmqsearch.quant.functional import quantize_to_int
 from hmqsearch.quant.layers import QuantConv1d, QuantConv2d, QuantEmbedding
 from hmqsearch.quant.prepare import QuantLayer, QuantModel
 from hmqsearch.quant.scheme import Scheme

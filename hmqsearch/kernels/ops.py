@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hmqsearch.kernels import backend, torch_impl
+import hmqsearch.kernels.backend as backend
+import hmqsearch.kernels.torch_impl as torch_impl
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

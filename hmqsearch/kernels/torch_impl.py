@@ -14,7 +14,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hmqsearch.quant.functional import channel_view
+
+def channel_view(t: Tensor, ndim: int, axis: int) -> Tensor:
+    """Reshape a per-channel vector so it broadcasts along ``axis`` of an ``ndim`` tensor."""
+    if t.dim() == 0 or t.numel() == 1:
+        return t.reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
 
 
 def _views(x: Tensor, axis: int | None, *params: Tensor) -> list[Tensor]:

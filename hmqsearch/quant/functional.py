@@ -104,12 +104,3 @@ def fake_quant_pot(x: Tensor, step: Tensor, bits: int, signed: bool) -> Tensor:
         return binary_quant(x, step)
     qmin, qmax = int_range(bits, signed)
     return fake_quant_ref(x, step, step * qmin, step * qmax)
-
-
-def channel_view(t: Tensor, ndim: int, axis: int) -> Tensor:
-    """Reshape a per-channel vector so it broadcasts along ``axis`` of an ``ndim`` tensor."""
-    if t.dim() == 0 or t.numel() == 1:
-        return t.reshape(())
-    shape = [1] * ndim
-    shape[axis] = -1
-    return t.reshape(shape)

@@ -29,8 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from hmqsearch.kernels import fake_quant
+from hmqsearch.kernels.torch_impl import channel_view
 from hmqsearch.quant.autocast import float32_under_autocast
-from hmqsearch.quant.functional import binary_quant, channel_view
+from hmqsearch.quant.functional import binary_quant
 from hmqsearch.quant.scheme import Scheme
 
 Mode = Literal["expected", "mixture", "hard"]

@@ -24,8 +24,8 @@ import torch.fx
 from torch import Tensor, nn
 
 from hmqsearch.errors import UserError
+from hmqsearch.kernels.torch_impl import channel_view
 from hmqsearch.quant.bn_ranges import ChannelRange
-from hmqsearch.quant.functional import channel_view
 from hmqsearch.quant.layers import QuantConv2d, QuantLinear
 from hmqsearch.quant.prepare import QuantModel
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hmqsearch.errors import UserError
+from hmqsearch.run.load import is_run_dir, read_overrides, read_summary
 
 
 @dataclass
@@ -53,23 +51,15 @@ class Run:
         return f"{self.label} ({self.detail})" if self.detail else self.label
 
 
-def _is_run(path: Path) -> bool:
-    return (path / ".hydra").is_dir() or (path / "summary.json").is_file()
-
-
 def _read_run(path: Path) -> Run:
-    run = Run(path)
-    overrides = path / ".hydra" / "overrides.yaml"
-    if overrides.is_file():
-        run.overrides = [str(o) for o in (yaml.safe_load(overrides.read_text()) or [])]
-    summary = path / "summary.json"
-    if not summary.is_file():
-        run.problem = "no summary.json (failed or still running)"
-        return run
+    run = Run(path, read_overrides(path))
     try:
-        run.summary = json.loads(summary.read_text())
-    except json.JSONDecodeError as exc:
+        run.summary = read_summary(path)
+    except UserError as exc:
         run.problem = f"unreadable summary.json: {exc}"
+        return run
+    if run.summary is None:
+        run.problem = "no summary.json (failed or still running)"
     return run
 
 
@@ -79,8 +69,8 @@ def collect_runs(folders: list[Path]) -> list[Run]:
     for folder in folders:
         if not folder.is_dir():
             raise UserError(f"run folder {folder} does not exist")
-        paths = [folder] if _is_run(folder) else sorted(
-            (p for p in folder.iterdir() if p.is_dir() and _is_run(p)), key=lambda p: (len(p.name), p.name)
+        paths = [folder] if is_run_dir(folder) else sorted(
+            (p for p in folder.iterdir() if p.is_dir() and is_run_dir(p)), key=lambda p: (len(p.name), p.name)
         )
         if not paths:
             raise UserError(f"{folder} holds no run (no summary.json or .hydra/ in it or its subfolders)")

@@ -13,6 +13,7 @@ from hmqsearch.constrained.budgets import build_constraints
 from hmqsearch.cost.latency import build_latency_table
 from hmqsearch.errors import UserError
 from hmqsearch.quant.prepare import QuantModel
+from hmqsearch.run.config import budget_spec, run_method
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +21,6 @@ log = logging.getLogger(__name__)
 def budget_overruns(qmodel: QuantModel, run_cfg: Any) -> list[str]:
     """Each budget of ``run_cfg`` (the run's resolved config) that ``qmodel``'s assignment breaks,
     with its exact cost; none for a baseline, which is not searched under budgets."""
-    from hmqsearch.pipeline import budget_spec, run_method
-
     if run_method(run_cfg).is_baseline:
         return []
     budgets = budget_spec(run_cfg)

@@ -1,0 +1,93 @@
+"""The run's specs read from its Hydra config, each checked before the first training step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from hmqsearch.baselines import Method, baseline_spec, parse_method
+from hmqsearch.constrained.budgets import BudgetSpec
+from hmqsearch.constrained.proximity import ProximitySpec
+from hmqsearch.constrained.ramp import RampSpec
+from hmqsearch.cost import latency as lat
+from hmqsearch.errors import UserError
+from hmqsearch.lit.distill import DistillSpec
+from hmqsearch.quant.prepare import Pin, QuantModel, QuantSpec
+
+
+def run_method(cfg: DictConfig) -> Method:
+    """The search or a baseline (``method=``); configs written before baselines existed mean the search."""
+    method = cfg.get("method")
+    return parse_method(method.name, method.get("precision")) if method else Method("hmq")
+
+
+def quant_spec(cfg: DictConfig) -> QuantSpec:
+    """The quantization spec of the run, narrowed to a baseline's single precision."""
+    s = cfg.search
+    pins = [Pin(**p) for p in (OmegaConf.to_container(s.pins, resolve=True) if s.get("pins") else [])]
+    spec = QuantSpec(
+        weight_bits=list(s.weight_bits), act_bits=list(s.act_bits), n_thresholds=s.n_thresholds,
+        weight_per_channel=s.weight_per_channel, mode=s.mode, first_layer_act_bits=s.first_layer_act_bits,
+        pins=pins, fold_bn=s.fold_bn, init_mass=s.get("init_mass", QuantSpec.init_mass),
+        embedding_bits=list(s.embedding_bits) if s.get("embedding_bits") is not None else None,
+    )
+    spec.validate()
+    return baseline_spec(spec, run_method(cfg))
+
+
+def budget_spec(cfg: DictConfig) -> BudgetSpec:
+    spec = BudgetSpec(**OmegaConf.to_container(cfg.budget, resolve=True))
+    spec.validate()
+    return spec
+
+
+def proximity_spec(cfg: DictConfig) -> ProximitySpec:
+    spec = ProximitySpec(**OmegaConf.to_container(cfg.search.get("proximity") or {}, resolve=True))
+    spec.validate()
+    repair_by = cfg.search.get("repair_by", "margin")
+    if repair_by not in ("margin", "duals"):
+        raise UserError(f"search.repair_by={repair_by!r}; allowed: margin, duals")
+    if repair_by == "duals" and not spec.enabled:
+        raise UserError("search.repair_by=duals needs the proximity duals: set search.proximity.enabled=true")
+    return spec
+
+
+def ramp_spec(cfg: DictConfig) -> RampSpec:
+    spec = RampSpec(**OmegaConf.to_container(cfg.search.get("ramp") or {"steps": 0}, resolve=True))
+    spec.validate()
+    return spec
+
+
+def distill_spec(cfg: DictConfig) -> DistillSpec:
+    raw = OmegaConf.to_container(cfg.get("distill") or {}, resolve=True)
+    unknown = sorted(set(raw) - {"enabled", "alpha", "temperature", "stages"})
+    if unknown:
+        raise UserError(f"distill.{unknown[0]} is not an option; allowed: enabled, alpha, temperature, stages")
+    spec = DistillSpec(**{**raw, "stages": tuple(raw.get("stages", DistillSpec.stages))})
+    spec.validate()
+    return spec
+
+
+def check_counts(cfg: DictConfig) -> None:
+    for key in ("pretrain.epochs", "search.epochs", "finetune.epochs", "search.bn_batches"):
+        value = OmegaConf.select(cfg, key, default=0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(f"{key}={value!r}; allowed: an integer >= 0")
+
+
+def latency_table(qmodel: QuantModel, cfg: DictConfig) -> lat.LatencyTable | None:
+    """The latency cost model ``cfg.cost`` names for ``qmodel`` (None without one)."""
+    return lat.build_latency_table(qmodel, cfg.cost.latency, cfg.cost.get("target"), cfg.cost.get("latency_table"))
+
+
+def instantiate_node(node: DictConfig) -> Any:
+    """Hydra's instantiate, letting a constructor's UserError through as itself (Hydra wraps it)."""
+    try:
+        return instantiate(node)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, UserError):
+            raise exc.__cause__ from None
+        raise
