@@ -1,28 +1,56 @@
-"""Every numeric setting of a run checked before any work: finite, of the right kind, in range.
+"""What a setting allows, declared beside its type and default in a dataclass schema.
 
-A NaN or an infinity anywhere in the configuration is refused (Hydra reads ``nan`` and ``inf``
-as floats, which pass every ``<`` and ``>`` comparison the other checks make); the settings in
-:data:`RULES` are also checked against their range.  Settings whose range depends on the data
-or the model (batch sizes, subset sizes, widths) are checked where those are built.
+A field made with :func:`setting` carries a rule in its metadata (:class:`Number`,
+:class:`OneOf`, :class:`Each`).  OmegaConf checks the types when Hydra composes (it refuses
+``search.epochs=two``); :func:`type_error_message` words that refusal like the rules' own,
+and :func:`check_values` checks what types cannot say: ranges, choices, and that no number
+is NaN or infinite (Hydra reads ``nan`` and ``inf`` as floats, which pass every ``<`` and
+``>`` comparison).  Each refusal is one :class:`UserError` naming the key, the value and what
+is allowed.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+import re
+import typing
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Union
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ValidationError
 
 from hmqsearch.errors import UserError
+
+RULE = "allowed"  # the metadata key of a field's rule
+Real = Union[int, float]  # a number kept as written: 8 stays 8 (OmegaConf's float would make it 8.0)
 
 
 def _bound(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+class Rule:
+    """What a setting allows: :meth:`accepts` a value, :meth:`describe` the allowed ones."""
+
+    def accepts(self, value: Any) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def complaint(self, key: str, value: Any) -> str:
+        return f"{key}={_plain(value)!r}; allowed: {self.describe()}"
+
+
 @dataclass(frozen=True)
-class Number:
+class Number(Rule):
     """A number (or an integer) between ``low`` and ``high``; open bounds exclude the end."""
 
     integer: bool = False
@@ -57,49 +85,84 @@ class Number:
         return text + (", or null" if self.nullable else "")
 
 
+@dataclass(frozen=True)
+class OneOf(Rule):
+    """One of a few names."""
+
+    choices: tuple[str, ...]
+
+    def accepts(self, value: Any) -> bool:
+        return value in self.choices
+
+    def describe(self) -> str:
+        return ", ".join(self.choices)
+
+
+@dataclass(frozen=True)
+class Each(Rule):
+    """A list whose every entry the rule ``entry`` accepts."""
+
+    entry: Rule
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, (list, tuple, ListConfig)) and all(self.entry.accepts(v) for v in value)
+
+    def describe(self) -> str:
+        return f"a list of {self.entry.describe()}"
+
+    def complaint(self, key: str, value: Any) -> str:
+        return f"{key}={_plain(value)!r}; allowed entries: {self.entry.describe()}"
+
+
 POSITIVE = Number(low=0, low_open=True)
 NON_NEGATIVE = Number(low=0)
 COUNT = Number(integer=True, low=0)
 AT_LEAST_ONE = Number(integer=True, low=1)
 BUDGET = Number(low=0, low_open=True, nullable=True)
-_ABSENT = object()
+FRACTION_OPEN = Number(low=0, high=1, low_open=True, high_open=True)
 
-RULES: dict[str, Number] = {
-    "seed": Number(integer=True, low=0, high=2**32 - 1),
-    "pretrain.epochs": COUNT,
-    "pretrain.lr": POSITIVE,
-    "search.epochs": COUNT,
-    "search.lr": POSITIVE,
-    "search.logit_lr": POSITIVE,
-    "search.dual_lr": NON_NEGATIVE,
-    "search.tau_start": POSITIVE,
-    "search.tau_end": POSITIVE,
-    "search.n_thresholds": AT_LEAST_ONE,
-    "search.init_mass": Number(low=0, high=1, low_open=True, high_open=True),
-    "search.bn_batches": COUNT,
-    "search.calibration.batches": AT_LEAST_ONE,
-    "search.calibration.percentile": Number(low=0, high=100, low_open=True),
-    "search.proximity.tolerance": POSITIVE,
-    "search.proximity.dual_lr": NON_NEGATIVE,
-    "finetune.epochs": COUNT,
-    "finetune.lr": POSITIVE,
-    "budget.weight_compression": BUDGET,
-    "budget.weight_kb": BUDGET,
-    "budget.latency_ms": BUDGET,
-    "budget.bops_compression": BUDGET,
-    "budget.activation_kb": BUDGET,
-    "search.ramp.steps": COUNT,
-    "search.ramp.until": Number(low=0, high=1, high_open=True),
-    "distill.alpha": Number(low=0, high=1),
-    "distill.temperature": POSITIVE,
-    "cost.target.int8_macs_per_s": POSITIVE,
-    "cost.target.bytes_per_s": POSITIVE,
-    "trainer.gradient_clip_val": Number(low=0, nullable=True),
-    "trainer.log_every_n_steps": AT_LEAST_ONE,
-    "callbacks.checkpoint_every_n_steps": COUNT,
-    "data.num_workers": COUNT,
-    "data.eval_batch_size": AT_LEAST_ONE,
-}
+
+def setting(default: Any = MISSING, rule: Rule | None = None) -> Any:
+    """A dataclass field with ``default`` (copied for each instance when it is a list or a dict)
+    and the ``rule`` its values must follow."""
+    metadata = {RULE: rule} if rule else {}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _schema_of(hint: Any) -> type | None:
+    """The dataclass a type hint names, through ``Optional``."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    inner = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is Union else []
+    return inner[0] if len(inner) == 1 and dataclasses.is_dataclass(inner[0]) else None
+
+
+def fields_of(schema: type, prefix: str = "") -> Iterator[tuple[str, Any, Rule | None]]:
+    """(dotted key, type hint, rule) of every setting of ``schema``, nested schemas walked."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        nested = _schema_of(hints[f.name])
+        if nested is not None:
+            yield from fields_of(nested, key)
+        else:
+            yield key, hints[f.name], f.metadata.get(RULE)
+
+
+def _nested_schema(schema: type, key: str) -> type | None:
+    """The dataclass of the setting ``key`` of ``schema`` when it is a group of settings."""
+    for name in key.split("."):
+        if not dataclasses.is_dataclass(schema) or name not in {f.name for f in dataclasses.fields(schema)}:
+            return None
+        schema = _schema_of(typing.get_type_hints(schema)[name])
+    return schema
+
+
+def rules_of(schema: type, prefix: str = "") -> dict[str, Rule]:
+    """The rule of every setting of ``schema`` that has one, by dotted key."""
+    return {key: rule for key, _, rule in fields_of(schema, prefix) if rule is not None}
 
 
 def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -113,15 +176,52 @@ def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield path, value
 
 
-def check_numbers(cfg: DictConfig) -> None:
-    """Raise a :class:`UserError` for the first non-finite number or out-of-range setting."""
-    for key, value in _leaves(OmegaConf.to_container(cfg, resolve=True)):
+_ABSENT = object()
+
+
+def check_values(cfg: DictConfig | Mapping[str, Any], rules: Mapping[str, Rule]) -> None:
+    """Raise a :class:`UserError` for the first non-finite number in ``cfg`` or the first value
+    a rule refuses (a key ``cfg`` does not have is skipped: another data module's setting)."""
+    container = OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg
+    for key, value in _leaves(OmegaConf.to_container(container, resolve=True)):
         if isinstance(value, float) and not math.isfinite(value):
-            allowed = RULES[key].describe() if key in RULES else "a finite number"
+            allowed = rules[key].describe() if key in rules else "a finite number"
             raise UserError(f"{key}={value}; allowed: {allowed}")
-    for key, rule in RULES.items():
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
-        if value is _ABSENT:
-            continue  # a setting this config does not have (another data module or cost model)
-        if not rule.accepts(value):
-            raise UserError(f"{key}={value!r}; allowed: {rule.describe()}")
+    for key, rule in rules.items():
+        value = OmegaConf.select(container, key, default=_ABSENT)
+        if value is not _ABSENT and not rule.accepts(value):
+            raise UserError(rule.complaint(key, value))
+
+
+def describe_type(hint: Any) -> str:
+    """A type hint in words: ``Optional[int]`` is "an integer, or null"."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Union and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        inner = rest[0] if len(rest) == 1 else Union[tuple(rest)]
+        return f"{describe_type(inner)}, or null"
+    if hint is Real or (typing.get_origin(hint) is Union and set(args) == {int, float}):
+        return "a number"
+    if typing.get_origin(hint) in (list, typing.List):
+        return f"a list of {describe_type(args[0]).split(' ', 1)[1]}s" if args else "a list"
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return words.get(hint, "a value of another kind")
+
+
+def type_error_message(error: ValidationError, schema: type) -> str:
+    """OmegaConf's refusal of a value of the wrong type, as ``key=value; allowed: ...`` with the
+    setting's rule, or its type in words where it has no rule."""
+    key = str(error.full_key)
+    field_key = re.sub(r"\[\d+\]$", "", key)
+    found = {k: (hint, rule) for k, hint, rule in fields_of(schema)}
+    hint, rule = found.get(field_key, (None, None))
+    if rule is not None and field_key == key:
+        return rule.complaint(key, error.value)
+    nested = _nested_schema(schema, key)
+    if nested is not None:
+        return f"{key}={_plain(error.value)!r}; allowed: its settings ({', '.join(f.name for f in dataclasses.fields(nested))})"
+    if hint is not None:
+        if field_key != key:  # one entry of a list
+            hint = typing.get_args(hint)[0] if typing.get_args(hint) else Any
+        return f"{key}={_plain(error.value)!r}; allowed: {describe_type(hint)}"
+    return f"{key}={_plain(error.value)!r}: {str(error.msg).splitlines()[0]}"

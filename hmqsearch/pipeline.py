@@ -43,7 +43,7 @@ from hmqsearch.lit.distill import DistillSpec, Distiller
 from hmqsearch.lit.ddp import is_rank_zero, rank_disagreement, world_size
 from hmqsearch.lit.device import on_device, stage_device
 from hmqsearch.lit.search import SearchModule
-from hmqsearch.lit.trainer import RunLoggers, make_trainer
+from hmqsearch.lit.trainer import RunLoggers, make_trainer, run_loggers
 from hmqsearch.lr_scaling import scale_learning_rates
 from hmqsearch.models.fit import describe_misfit
 from hmqsearch.models.pretrained import load_pretrained
@@ -195,8 +195,7 @@ def _fit(ctx: Context, module: pl.LightningModule, stage: str, monitor: str | No
         load_checkpoint(plan.checkpoint, module, stage)
         log.info("%s: continuing from %s", stage, plan.checkpoint)
     trainer = make_trainer(
-        cfg.trainer, stage, ctx.run_dir, ctx.loggers.for_stage(stage), cfg[stage].epochs,
-        monitor, cfg.callbacks.progress_bar, cfg.callbacks.checkpoint_every_n_steps,
+        cfg.trainer, cfg.callbacks, stage, ctx.run_dir, ctx.loggers.for_stage(stage), cfg[stage].epochs, monitor,
     )
     module.train()  # prepared models come back in eval mode; Lightning keeps the mode it finds
     capture_forward(module, cfg.get("step_capture", "none"))
@@ -315,7 +314,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         del probe
 
     pretrained_meta = load_pretrained(net, cfg.model.pretrained) if cfg.model.pretrained else None
-    loggers = RunLoggers(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
+    loggers = run_loggers(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True))
     ctx = Context(cfg, run_dir, loggers, datamodule, num_classes, Resume.from_cfg(cfg, run_dir), distill)
     timings: dict[str, float] = {}
     exit_code = 1
