@@ -42,7 +42,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
 def _remove_partial_output(cfg: DictConfig, run_dir: Path) -> None:
     """A fresh run's directory goes; a resumed run's directory stays, less this attempt's config."""
-    if cfg.get("resume"):
+    if cfg.resume:
         shutil.rmtree(run_dir / HydraConfig.get().output_subdir, ignore_errors=True)
         Path(HydraConfig.get().job_logging.handlers.file.filename).unlink(missing_ok=True)
     else:

@@ -1,7 +1,8 @@
 """The export stage: ONNX graph + verification + packed checkpoint + measured latency.
 
 ``export_run`` is what the pipeline (and ``hmqsearch export``) calls once the assignment is
-final.  Its ``cfg_export`` keys, all optional (defaults in :data:`DEFAULTS`):
+final.  Its ``cfg_export`` keys, all optional (defaults and allowed values:
+:class:`~hmqsearch.export.options.ExportOptions`):
 
 * ``form``: ``onnxruntime`` (tuned for onnxruntime's integer kernels) or ``portable``
   (DequantizeLinear on every integer weight), see :mod:`hmqsearch.export.onnx_export`;
@@ -18,6 +19,7 @@ final.  Its ``cfg_export`` keys, all optional (defaults in :data:`DEFAULTS`):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -29,11 +31,13 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from hmqsearch.config_check import check_values, rules_of
 from hmqsearch.cost.latency import LatencyTable, build_latency_table, exact_total_latency
 from hmqsearch.cost.profiler import device_name, measure_graph_latency
 from hmqsearch.errors import UserError
 from hmqsearch.export.budget_check import check_budgets
-from hmqsearch.export.onnx_export import FORMS, export_onnx
+from hmqsearch.export.onnx_export import export_onnx
+from hmqsearch.export.options import ExportOptions
 from hmqsearch.export.packed import packed_paths, save_packed
 from hmqsearch.export.precision import apply_precision, read_precision
 from hmqsearch.export.verify import VerificationError, fail_export, first_batch, verify_onnx
@@ -46,41 +50,20 @@ log = logging.getLogger(__name__)
 ONNX_NAME = "model.onnx"
 PACKED_BASE = "model.packed"
 
-DEFAULTS: dict[str, Any] = {
-    "form": "onnxruntime",
-    "tolerance_agreement": 99.5,
-    "tolerance_runtime_agreement": 99.5,
-    "verify_samples": 10000,
-    "latency_batch": 1,
-    "latency_warmup": 5,
-    "latency_repeats": 20,
-    "latency_threads": 1,
-    "compare_float": True,
-}
+DEFAULTS: dict[str, Any] = dataclasses.asdict(ExportOptions())
 
-
-# keys of the ``export`` config node that say what to export, not how (see conf/export/default.yaml)
+# keys of the ``export`` config node that say what to export, not how (hmqsearch/config_schema.py)
 STAGE_KEYS = ("enabled", "run_dir", "checkpoint", "precision", "allow_over_budget")
 
 
 def export_config(cfg_export: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``cfg_export`` over :data:`DEFAULTS`, checked."""
+    """``cfg_export`` over :data:`DEFAULTS`, checked against :class:`ExportOptions`' rules."""
     given = {k: v for k, v in dict(cfg_export or {}).items() if k not in STAGE_KEYS}
-    cfg = {**DEFAULTS, **given}
-    unknown = sorted(set(cfg) - set(DEFAULTS))
+    unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
         raise UserError(f"unknown export options {unknown}; allowed: {', '.join(DEFAULTS)}")
-    if cfg["form"] not in FORMS:
-        raise UserError(f"export.form={cfg['form']!r}; allowed: {', '.join(FORMS)}")
-    for key in ("tolerance_agreement", "tolerance_runtime_agreement"):
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float)) or not 0.0 <= cfg[key] <= 100.0:
-            raise UserError(f"export.{key}={cfg[key]!r}; allowed: a percentage 0..100")
-    for key in ("verify_samples", "latency_batch", "latency_repeats"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
-            raise UserError(f"export.{key}={cfg[key]!r}; allowed: an integer >= 1")
-    for key in ("latency_warmup", "latency_threads"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
-            raise UserError(f"export.{key}={cfg[key]!r}; allowed: an integer >= 0 (threads 0 = onnxruntime's choice)")
+    cfg = {**DEFAULTS, **given}
+    check_values({"export": cfg}, rules_of(ExportOptions, "export"))
     return cfg
 
 
