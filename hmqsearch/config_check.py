@@ -193,19 +193,20 @@ def check_values(cfg: DictConfig | Mapping[str, Any], rules: Mapping[str, Rule])
             raise UserError(rule.complaint(key, value))
 
 
+_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_PLURALS = {bool: "true or false values", int: "integers", float: "numbers", str: "strings"}
+
+
 def describe_type(hint: Any) -> str:
     """A type hint in words: ``Optional[int]`` is "an integer, or null"."""
     args = typing.get_args(hint)
-    if typing.get_origin(hint) is Union and type(None) in args:
+    if typing.get_origin(hint) is Union:
         rest = [a for a in args if a is not type(None)]
-        inner = rest[0] if len(rest) == 1 else Union[tuple(rest)]
-        return f"{describe_type(inner)}, or null"
-    if hint is Real or (typing.get_origin(hint) is Union and set(args) == {int, float}):
-        return "a number"
-    if typing.get_origin(hint) in (list, typing.List):
-        return f"a list of {describe_type(args[0]).split(' ', 1)[1]}s" if args else "a list"
-    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    return words.get(hint, "a value of another kind")
+        text = "a number" if set(rest) == {int, float} else " or ".join(describe_type(a) for a in rest)
+        return text + (", or null" if type(None) in args else "")
+    if typing.get_origin(hint) is list:
+        return f"a list of {_PLURALS.get(args[0], 'values')}" if args else "a list"
+    return _WORDS.get(hint, "a value of another kind")
 
 
 def type_error_message(error: ValidationError, schema: type) -> str:
@@ -222,6 +223,7 @@ def type_error_message(error: ValidationError, schema: type) -> str:
         return f"{key}={_plain(error.value)!r}; allowed: its settings ({', '.join(f.name for f in dataclasses.fields(nested))})"
     if hint is not None:
         if field_key != key:  # one entry of a list
-            hint = typing.get_args(hint)[0] if typing.get_args(hint) else Any
+            lists = [h for h in (hint, *typing.get_args(hint)) if typing.get_origin(h) is list]
+            hint = typing.get_args(lists[0])[0] if lists and typing.get_args(lists[0]) else Any
         return f"{key}={_plain(error.value)!r}; allowed: {describe_type(hint)}"
     return f"{key}={_plain(error.value)!r}: {str(error.msg).splitlines()[0]}"

@@ -16,7 +16,7 @@ Import this module before composing conf/ with Hydra's compose API (train.py and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
@@ -86,7 +86,7 @@ class SearchConfig:
     n_thresholds: int = setting(8, AT_LEAST_ONE)  # power-of-two thresholds per bit-width: 2^(M+1) .. 2^(M+2-n)
     weight_per_channel: bool = True  # per-output-channel weight thresholds
     mode: str = setting("expected", OneOf(MODES))
-    first_layer_act_bits: Any = 8  # pin the network input (int, 'float', or null to search it)
+    first_layer_act_bits: Optional[Union[int, str]] = 8  # pin the network input (int, 'float', or null to search it)
     pins: list[Any] = setting([])  # e.g. [{pattern: "linear", weight_bits: 8, act_bits: 8}]
     fold_bn: bool = True
     # kept BN (fold_bn: false): after the search, running statistics recomputed on this many training
