@@ -197,6 +197,15 @@ _WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a s
 _PLURALS = {bool: "true or false values", int: "integers", float: "numbers", str: "strings"}
 
 
+def check_fields(obj: Any, prefix: str) -> None:
+    """Check a dataclass instance against its fields' rules; ``prefix`` names it in the messages
+    (``budget``, ``search.ramp``)."""
+    node: Any = dataclasses.asdict(obj)
+    for part in reversed(prefix.split(".")):
+        node = {part: node}
+    check_values(node, rules_of(type(obj), prefix))
+
+
 def describe_type(hint: Any) -> str:
     """A type hint in words: ``Optional[int]`` is "an integer, or null"."""
     args = typing.get_args(hint)

@@ -3,8 +3,12 @@
 :class:`TrainConfig` is registered in Hydra's ConfigStore as ``train_schema``, the first entry
 of conf/train.yaml's defaults list, so every composed configuration is typed: Hydra refuses a
 value of the wrong type as it composes, and :func:`check_config` checks ranges and choices
-before a run starts.  The defaults of these settings live here and nowhere else; the YAML files
-under conf/ hold what differs from them (``search=hmq``, experiments).  The groups whose nodes
+before a run starts.  The defaults of these settings live here and nowhere else, or, for the
+settings the Python API shares, in the dataclasses of the layers that use them
+(:class:`~hmqsearch.constrained.budgets.BudgetSpec`, ``RampSpec``, ``ProximitySpec``,
+``DistillSpec``, :class:`~hmqsearch.export.options.ExportOptions`), which are nodes of this
+schema; the YAML files under conf/ hold what differs from them (``search=hmq``,
+experiments).  The groups whose nodes
 are arguments of other libraries' objects (``data``, ``model``, ``trainer``, ``logger``,
 ``callbacks``) and ``method`` stay untyped: their YAML holds their values and ``_target_``, and
 the objects check their own arguments; :data:`OPEN_RULES` lists the few checked here.
@@ -23,18 +27,18 @@ from omegaconf import DictConfig
 from omegaconf.errors import ValidationError
 
 from hmqsearch.config_check import (
-    AT_LEAST_ONE, BUDGET, COUNT, FRACTION_OPEN, NON_NEGATIVE, POSITIVE, Each, Number, OneOf, Real, Rule,
+    AT_LEAST_ONE, COUNT, FRACTION_OPEN, NON_NEGATIVE, POSITIVE, Number, OneOf, Real, Rule,
     check_values, rules_of, setting, type_error_message,
 )
-from hmqsearch.constrained.budgets import SCOPES
+from hmqsearch.constrained.budgets import BudgetSpec
 from hmqsearch.constrained.constraints import ENFORCE
-from hmqsearch.constrained.proximity import UPDATES
+from hmqsearch.constrained.proximity import ProximitySpec
+from hmqsearch.constrained.ramp import RampSpec
 from hmqsearch.constrained.warm_start import STARTS
 from hmqsearch.cost.latency import LATENCY_MODELS
-from hmqsearch.cost.size import BASES
 from hmqsearch.export.options import ExportOptions
 from hmqsearch.lit.capture import CAPTURE_MODES
-from hmqsearch.lit.distill import STAGES as DISTILL_STAGES
+from hmqsearch.lit.distill import DistillSpec
 from hmqsearch.lr_scaling import RULES as SCALE_RULES
 from hmqsearch.quant.calibration import METHODS as CALIBRATION_METHODS
 from hmqsearch.quant.hmq import MODES
@@ -48,32 +52,12 @@ def _adam(**options: Any) -> dict[str, Any]:
 
 
 @dataclass
-class ProximityConfig:
-    """Per-layer constraints: mean((layer_q(x) - layer_float(x))^2) <= tolerance."""
-
-    enabled: bool = False  # on: one dual per layer, sensitivity.md/.png in the run dir
-    tolerance: Real = setting(0.01, POSITIVE)
-    relative: bool = True  # divide by the float output's mean square
-    update: str = setting("step", OneOf(UPDATES))  # when the proximity duals are ascended
-    dual_lr: Real = setting(0.1, POSITIVE)
-
-
-@dataclass
 class CalibrationConfig:
     """The activation ranges measured before the search (and PTQ's thresholds)."""
 
     method: str = setting("max", OneOf(CALIBRATION_METHODS))
     percentile: Real = setting(99.99, Number(low=0, high=100, low_open=True))
     batches: int = setting(4, AT_LEAST_ONE)
-
-
-@dataclass
-class RampConfig:
-    """Budget ramp: each bound moves from the start's exact cost to its budget."""
-
-    steps: int = setting(4, COUNT)  # in this many steps (0: the budgets from the first step)
-    until: Real = setting(0.5, Number(low=0, high=1, high_open=True))  # fraction of the search where the last step begins
-    tau_restart: bool = True  # the temperature restarts at tau_start with each step
 
 
 @dataclass
@@ -99,7 +83,7 @@ class SearchConfig:
     fill_budget: bool = True  # after the search, raise precision into any budget slack
     # margin | duals: lower first the smallest logit margins, or the smallest proximity duals
     repair_by: str = setting("margin", OneOf(("margin", "duals")))
-    proximity: ProximityConfig = field(default_factory=ProximityConfig)
+    proximity: ProximitySpec = field(default_factory=ProximitySpec)  # per-layer constraints on the output error
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     epochs: int = setting(20, COUNT)
     lr: Real = setting(1.0e-3, POSITIVE)  # network weights during the search
@@ -110,24 +94,9 @@ class SearchConfig:
     enforce: str = setting("argmax", OneOf(ENFORCE))
     tau_start: Real = setting(1.0, POSITIVE)  # Gumbel-Softmax temperature, annealed exponentially (restarted with each ramp step)
     tau_end: Real = setting(0.05, POSITIVE)
-    ramp: RampConfig = field(default_factory=RampConfig)
+    ramp: RampSpec = field(default_factory=RampSpec)  # budget ramp: each bound moves from the start's cost to its budget
     logit_optimizer: Any = setting(_adam())  # the logits' own optimizer (the weights use `optimizer` at `lr`)
     optimizer: Any = setting(_adam())
-
-
-@dataclass
-class BudgetConfig:
-    """Budgets, each null for none."""
-
-    weight_compression: Optional[Real] = setting(8, BUDGET)  # packed weight bytes <= float32 bytes / weight_compression
-    weight_kb: Optional[Real] = setting(None, BUDGET)  # absolute weight budget in KiB; wins over weight_compression
-    latency_ms: Optional[Real] = setting(None, BUDGET)  # against the latency model in `cost`
-    basis: str = setting("packed", OneOf(BASES))  # which byte count the weight budget applies to
-    # bit operations per sample <= float32's (32x32 bits a MAC) / this: W8A8 = 16, W4A8 = 32, W4A4 = 64
-    bops_compression: Optional[Real] = setting(None, BUDGET)
-    activation_kb: Optional[Real] = setting(None, BUDGET)  # the largest layer input at its bits, per sample, in KiB
-    # model: the whole model's parameter bytes (other parameters at 32 bits) | layers: quantized layers' weights only
-    scope: str = setting("model", OneOf(SCOPES))
 
 
 @dataclass
@@ -172,16 +141,6 @@ class StageConfig:
 
 
 @dataclass
-class DistillConfig:
-    """Knowledge distillation from the float model (the teacher) while quantized."""
-
-    enabled: bool = False
-    alpha: Real = setting(0.9, Number(low=0, high=1))  # weight of the distillation term; 1 - alpha on the labels' cross-entropy
-    temperature: Real = setting(4.0, POSITIVE)  # softmax temperature of teacher and student in the distillation term
-    stages: list[str] = setting(list(DISTILL_STAGES), Each(OneOf(DISTILL_STAGES)))
-
-
-@dataclass
 class TrainConfig:
     """Everything `python train.py` reads (conf/train.yaml composes the groups onto it)."""
 
@@ -195,14 +154,14 @@ class TrainConfig:
     # none | compile | cuda-graphs: the training step through torch.compile (hmqsearch/lit/capture.py)
     step_capture: str = setting("none", OneOf(CAPTURE_MODES))
     pretrain: StageConfig = field(default_factory=lambda: StageConfig(30, 0.01, _adam(weight_decay=1.0e-4)))  # float training; skipped when model.pretrained is set
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    distill: DistillSpec = field(default_factory=DistillSpec)  # knowledge distillation from the float model
     finetune: StageConfig = field(default_factory=lambda: StageConfig(10, 1.0e-3))  # QAT with the searched assignment frozen
     # the groups of other libraries' objects and the method are untyped: their YAML holds their values
     data: Any = None
     model: Any = None
     method: Any = None
     search: SearchConfig = field(default_factory=SearchConfig)
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    budget: BudgetSpec = field(default_factory=BudgetSpec)  # each null for none
     cost: CostConfig = field(default_factory=CostConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     trainer: Any = None
