@@ -51,11 +51,25 @@ def _single_runs(overrides: Sequence[str]) -> list[list[str]] | None:
     return [first] + [first[:i] + [other] + first[i + 1:] for i, v in enumerate(values) for other in v[1:]]
 
 
-def _type_error(exc: BaseException) -> ValidationError | None:
-    """The schema's type error behind a composition error, if that is what it is."""
-    while exc is not None and not isinstance(exc, ValidationError):
-        exc = exc.__cause__
-    return exc
+def _user_error(exc: ConfigCompositionException) -> UserError | None:
+    """A missing group option, or a value of the wrong type for the schema, as one line."""
+    if isinstance(exc, MissingConfigException):
+        return UserError(_missing_option_message(exc))
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ValidationError):
+        cause = cause.__cause__
+    return UserError(composition_error_message(cause)) if cause is not None else None
+
+
+def _check_jobs(name: str, jobs: Sequence[Sequence[str]]) -> None:
+    """Compose each job's overrides; raise the :class:`UserError` of the first that fails."""
+    for job in jobs:
+        try:
+            compose(name, overrides=list(job))
+        except ConfigCompositionException as exc:
+            error = _user_error(exc)
+            if error is not None:
+                raise error from None
 
 
 def _keys(node: Any, prefix: str = "") -> list[str]:
@@ -110,7 +124,8 @@ def _missing_option_message(exc: MissingConfigException) -> str:
 
 def check_overrides(argv: Sequence[str], config_dir: Path, config_name: str = "train") -> None:
     """Raise a :class:`UserError` naming every override whose key is not in the configuration
-    (with the closest valid key) or whose group option does not exist (with the options).
+    (with the closest valid key), whose group option does not exist (with the options) or
+    whose value has the wrong type for the schema (in any job of a sweep).
 
     ``argv`` is the command line after the program name, flags included.  Commands that do not
     compose this configuration (``--help``, ``--info``, another ``--config-path``/``--config-dir``)
@@ -131,11 +146,10 @@ def check_overrides(argv: Sequence[str], config_dir: Path, config_name: str = "t
             try:
                 cfg = compose(name, overrides=overrides, return_hydra_config=True)
                 break
-            except MissingConfigException as exc:
-                raise UserError(_missing_option_message(exc)) from None
             except ConfigCompositionException as exc:
-                if _type_error(exc) is not None:
-                    raise UserError(composition_error_message(_type_error(exc))) from None
+                error = _user_error(exc)
+                if error is not None:
+                    raise error from None
                 cause = exc.__cause__
                 if not isinstance(cause, (ConfigKeyError, ConfigAttributeError)) or not cause.full_key:
                     return  # not a key problem: Hydra reports it when it composes
@@ -152,14 +166,7 @@ def check_overrides(argv: Sequence[str], config_dir: Path, config_name: str = "t
             return
         if unknown:
             raise UserError("; ".join(_unknown_key_message(key, cfg) for key in unknown))
-        for job in others:
-            try:
-                compose(name, overrides=job)
-            except MissingConfigException as exc:
-                raise UserError(_missing_option_message(exc)) from None
-            except ConfigCompositionException as exc:
-                if _type_error(exc) is not None:
-                    raise UserError(composition_error_message(_type_error(exc))) from None
+        _check_jobs(name, others)
 
 
 def _override_key(text: str) -> str:
