@@ -24,8 +24,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from hmqsearch.config_check import check_numbers
-from hmqsearch.config_keys import check_overrides
+from hmqsearch.config_keys import check_overrides, legacy_overrides
+from hmqsearch.config_schema import check_config
 from hmqsearch.errors import RunHalted, UserError
 from hmqsearch.export.verify import VerificationError
 from hmqsearch.quiet import silence_third_party_notices
@@ -37,13 +37,12 @@ from hmqsearch.sweep import record_failure
 
 log = logging.getLogger("hmqsearch")
 
-STAGES = ("all", "export")
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def _remove_partial_output(cfg: DictConfig, run_dir: Path) -> None:
     """A fresh run's directory goes; a resumed run's directory stays, less this attempt's config."""
-    if cfg.get("resume"):
+    if cfg.resume:
         shutil.rmtree(run_dir / HydraConfig.get().output_subdir, ignore_errors=True)
         Path(HydraConfig.get().job_logging.handlers.file.filename).unlink(missing_ok=True)
     else:
@@ -51,13 +50,11 @@ def _remove_partial_output(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def _run_stage(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    check_numbers(cfg)
+    check_config(cfg)
     if cfg.stage == "export":
         summary = run_export_stage(cfg, run_dir)
         print_export_table(summary["export"])
         return summary
-    if cfg.stage != "all":
-        raise UserError(f"stage={cfg.stage!r}; allowed: {', '.join(STAGES)}")
     return run(cfg, run_dir)
 
 
@@ -91,10 +88,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def cli() -> None:
-    """``train.py``'s command line: ``resume=``/``ckpt_path=`` expand to the original command first;
-    unknown keys and group options are refused before Hydra starts."""
+    """``train.py``'s command line: ``resume=``/``ckpt_path=`` expand to the original command first,
+    ``logger.kind=X`` reads as ``logger=X``; unknown keys, group options and values of the wrong
+    type are refused before Hydra starts."""
     try:
-        sys.argv = resume_argv(sys.argv)
+        sys.argv = legacy_overrides(resume_argv(sys.argv), CONFIG_DIR)
         check_overrides(sys.argv[1:], CONFIG_DIR)
     except UserError as exc:
         print(f"hmqsearch: error: {exc}", file=sys.stderr)

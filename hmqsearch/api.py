@@ -150,7 +150,7 @@ def search(
     """Search bit-widths under ``budget`` (default 8x the whole model), then repair and fill the
     argmax against the exact budgets; leaves ``qmodel`` in the fixed state.  Calibrate first.
 
-    The defaults are ``train.py``'s (``conf/search/default.yaml``): from the highest precision,
+    The defaults are ``train.py``'s (``SearchConfig`` in hmqsearch/config_schema.py): from the highest precision,
     the bounds ramped to the budgets (``ramp``), the duals enforcing the argmax's cost too."""
     budget = budget or BudgetSpec()
     if budget.latency_ms is not None:
@@ -198,8 +198,8 @@ def export_model(
     :class:`~hmqsearch.export.verify.VerificationError` below the tolerances) and
     ``model.packed.safetensors`` + ``.json`` into ``out_dir``; returns the export figures.
 
-    ``options``: the export options of ``conf/export/default.yaml`` (``tolerance_agreement``,
-    ``verify_samples``, ``compare_float``, ``latency_repeats``, ...).
+    ``options``: the export options (:class:`~hmqsearch.export.options.ExportOptions`:
+    ``tolerance_agreement``, ``verify_samples``, ``compare_float``, ``latency_repeats``, ...).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -111,6 +111,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    import hmqsearch.config_schema  # noqa: F401 - registers the schema conf/train.yaml composes onto
     from hmqsearch.export.profiler import profile_layers
     from hmqsearch.quant.calibrate import calibrate_activations
     from hmqsearch.quant.prepare import prepare

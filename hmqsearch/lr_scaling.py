@@ -46,17 +46,12 @@ def processes(trainer_cfg: DictConfig) -> int:
 
 
 def lr_factor(cfg: DictConfig) -> float:
-    """The factor ``scale_lr`` applies to the configured learning rates (1.0 for none)."""
-    rule = cfg.get("scale_lr", "none")
-    if rule not in RULES:
-        raise UserError(f"scale_lr={rule!r}; allowed: {', '.join(RULES)}")
-    base = cfg.get("scale_lr_base", 128)
-    if not isinstance(base, int) or isinstance(base, bool) or base < 1:
-        raise UserError(f"scale_lr_base={base!r}; allowed: an integer >= 1 (the batch size the learning rates are for)")
-    if rule == "none":
+    """The factor ``scale_lr`` applies to the configured learning rates (1.0 for none); the
+    schema (:mod:`hmqsearch.config_schema`) checks ``scale_lr`` and ``scale_lr_base``."""
+    if cfg.scale_lr == "none":
         return 1.0
-    ratio = cfg.data.batch_size * processes(cfg.trainer) / base
-    return ratio if rule == "linear" else math.sqrt(ratio)
+    ratio = cfg.data.batch_size * processes(cfg.trainer) / cfg.scale_lr_base
+    return ratio if cfg.scale_lr == "linear" else math.sqrt(ratio)
 
 
 def scale_learning_rates(cfg: DictConfig) -> DictConfig:

@@ -5,7 +5,7 @@
 * torch's deprecation of ``LeafSpec``, which Lightning (not hmqsearch) still uses.
 
 wandb's own console output (banner, run history and summary) is switched off where the run is
-created (:class:`hmqsearch.lit.trainer.RunLoggers`); its logs stay in the run's ``wandb/`` folder.
+created (:class:`hmqsearch.lit.trainer.WandbLoggers`); its logs stay in the run's ``wandb/`` folder.
 """
 
 from __future__ import annotations

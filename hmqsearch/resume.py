@@ -152,8 +152,7 @@ class Resume:
 
     @classmethod
     def from_cfg(cls, cfg: Any, run_dir: Path) -> "Resume":
-        ckpt = cfg.get("ckpt_path")
-        return cls(run_dir, enabled=bool(cfg.get("resume")), ckpt_path=Path(ckpt) if ckpt else None)
+        return cls(run_dir, enabled=bool(cfg.resume), ckpt_path=Path(cfg.ckpt_path) if cfg.ckpt_path else None)
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / "checkpoints" / stage

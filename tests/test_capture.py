@@ -17,7 +17,9 @@ import pytorch_lightning as pl
 import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
+from hmqsearch.config_schema import TrainConfig, check_config
 from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
 from hmqsearch.constrained.dual import DualVariables
 from hmqsearch.errors import UserError
@@ -131,7 +133,7 @@ resnet20.input_shape = (3, 32, 32)
 
 def test_bad_step_capture_values_are_clear_errors() -> None:
     with pytest.raises(UserError, match=r"step_capture='graphs'; allowed: none, compile, cuda-graphs"):
-        check_capture("graphs", torch.device("cpu"))
+        check_config(OmegaConf.merge(OmegaConf.structured(TrainConfig), {"step_capture": "graphs"}))
     with pytest.raises(UserError, match="cuda-graphs.*trains on cpu; allowed here: none, compile"):
         check_capture("cuda-graphs", torch.device("cpu"))
     check_capture("compile", torch.device("cpu"))

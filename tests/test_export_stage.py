@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,7 @@ def test_failed_verification_keeps_the_run_and_exits_nonzero(tmp_path, finished_
         [sys.executable, "-c", FAILING_VERIFY, str(ROOT / "train.py"), "stage=export", f"export.run_dir={finished_run}",
          "export.latency_repeats=3", "logger=none", f"hydra.run.dir={tmp_path / 'log'}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # patch this checkout's package, the one train.py imports
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "verification failed" in proc.stderr and "Traceback" not in proc.stderr

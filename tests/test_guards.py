@@ -2,6 +2,7 @@
 the step and the layer, and the last good checkpoint stays."""
 
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -15,6 +16,7 @@ from hmqsearch.errors import RunHalted
 from hmqsearch.lit.trainer import make_trainer
 
 BAD_STEP = 3
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 class Sqrt(nn.Module):
@@ -44,8 +46,11 @@ def _loader(bad: str) -> DataLoader:
 
 @pytest.mark.parametrize("bad,what,layer", [("loss", "non-finite loss (nan)", "fc1"), ("gradient", "non-finite gradient (parameter model.fc1.weight)", "fc1")])
 def test_nonfinite_stops_naming_step_and_layer_and_keeps_last_good_checkpoint(tmp_path, bad, what, layer):
-    trainer_cfg = OmegaConf.create({"accelerator": "cpu", "devices": 1, "log_every_n_steps": 1, "num_sanity_val_steps": 0})
-    trainer = make_trainer(trainer_cfg, "toy", tmp_path, False, 1, None, False, checkpoint_every_n_steps=2)
+    trainer_cfg = OmegaConf.merge(OmegaConf.load(CONF / "trainer" / "default.yaml"), {"accelerator": "cpu", "log_every_n_steps": 1})
+    callbacks_cfg = OmegaConf.merge(
+        OmegaConf.load(CONF / "callbacks" / "default.yaml"), {"progress_bar": False, "checkpoint_every_n_steps": 2}
+    )
+    trainer = make_trainer(trainer_cfg, callbacks_cfg, "toy", tmp_path, False, 1, None)
     with pytest.raises(RunHalted) as halted:
         trainer.fit(Tiny(), train_dataloaders=_loader(bad))
     message = str(halted.value)

@@ -17,14 +17,14 @@ MAX_FUNCTION_LINES = 60
 # layer: (its modules, as prefixes of the dotted name under hmqsearch, "" the package itself;
 #         the layers directly below it).  A module may import its own layer and every layer below.
 LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "base": (("errors", "io", "inputs", "quiet", "kernels"), ()),
+    "base": (("errors", "io", "inputs", "quiet", "settings", "kernels"), ()),
     "numerics": (("quant",), ("base",)),
     "costs": (("cost",), ("numerics",)),
     "constraints": (("constrained",), ("costs",)),
     "training": (("data", "models", "lit"), ("constraints",)),
     "artifacts": (("export", "report"), ("constraints",)),
     "methods": (("baselines",), ("training", "artifacts")),
-    "run": (("run", "api", "resume", "sweep", "lr_scaling", "config_check", "config_keys"), ("methods",)),
+    "run": (("run", "api", "resume", "sweep", "lr_scaling", "config_schema", "config_check", "config_keys"), ("methods",)),
     "tools": (("", "cli", "report.__main__", "report.runs", "report.pareto"), ("run",)),
 }
 # Layers that know no config system: they take values, not Hydra nodes.

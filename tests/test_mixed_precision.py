@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
+from hmqsearch.config_schema import TrainConfig, check_config
 from hmqsearch.errors import UserError
 from hmqsearch.lit.classifier import ClassifierModule
 from hmqsearch.lr_scaling import SCALED, lr_factor, processes, scale_learning_rates
@@ -122,7 +123,8 @@ def test_ddp_processes_count_into_the_global_batch() -> None:
 
 
 def test_bad_scaling_values_are_clear_errors() -> None:
+    schema = OmegaConf.structured(TrainConfig)
     with pytest.raises(UserError, match=r"scale_lr='cubic'; allowed: none, linear, sqrt"):
-        lr_factor(lr_cfg("cubic", 128))
+        check_config(OmegaConf.merge(schema, {"scale_lr": "cubic"}))
     with pytest.raises(UserError, match=r"scale_lr_base=0; allowed: an integer >= 1"):
-        lr_factor(lr_cfg("linear", 128, base=0))
+        check_config(OmegaConf.merge(schema, {"scale_lr": "linear", "scale_lr_base": 0}))

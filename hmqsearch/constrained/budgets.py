@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hmqsearch.settings import BUDGET, OneOf, Real, check_fields, setting
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.cost import compute
 from hmqsearch.cost import latency as lat
@@ -27,23 +28,16 @@ class BudgetSpec:
     bits, per sample, in KiB.
     """
 
-    weight_compression: float | None = 8.0
-    weight_kb: float | None = None
-    latency_ms: float | None = None
-    bops_compression: float | None = None
-    activation_kb: float | None = None
-    basis: str = "packed"
-    scope: str = "model"
+    weight_compression: Real | None = setting(8, BUDGET)  # weight bytes <= float32 bytes / weight_compression
+    weight_kb: Real | None = setting(None, BUDGET)  # absolute, wins over weight_compression
+    latency_ms: Real | None = setting(None, BUDGET)  # against the latency model in ``cost``
+    basis: str = setting("packed", OneOf(size.BASES))  # which byte count the weight budget applies to
+    bops_compression: Real | None = setting(None, BUDGET)
+    activation_kb: Real | None = setting(None, BUDGET)
+    scope: str = setting("model", OneOf(SCOPES))
 
     def validate(self) -> None:
-        for key in ("weight_compression", "weight_kb", "latency_ms", "bops_compression", "activation_kb"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-                raise UserError(f"budget.{key}={value!r}; allowed: a positive number, or null for no budget")
-        if self.basis not in size.BASES:
-            raise UserError(f"budget.basis={self.basis!r}; allowed: {', '.join(size.BASES)}")
-        if self.scope not in SCOPES:
-            raise UserError(f"budget.scope={self.scope!r}; allowed: {', '.join(SCOPES)}")
+        check_fields(self, "budget")
 
     def weight_budget_bytes(self, qmodel: QuantModel) -> float | None:
         if self.weight_kb is not None:

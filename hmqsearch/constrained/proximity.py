@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hmqsearch.settings import POSITIVE, OneOf, Real, check_fields, setting
 from hmqsearch.constrained.dual import DualVariables
-from hmqsearch.errors import UserError
 from hmqsearch.quant.layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
 from hmqsearch.quant.prepare import QuantModel
 
@@ -38,19 +38,14 @@ UPDATES = ("step", "epoch")
 class ProximitySpec:
     """``search.proximity`` in the configuration."""
 
-    enabled: bool = False
-    tolerance: float = 0.01
-    relative: bool = True
-    update: str = "step"
-    dual_lr: float = 0.1
+    enabled: bool = False  # on: one dual per layer, sensitivity.md/.png in the run dir
+    tolerance: Real = setting(0.01, POSITIVE)
+    relative: bool = True  # divide by the float output's mean square
+    update: str = setting("step", OneOf(UPDATES))  # when the proximity duals are ascended
+    dual_lr: Real = setting(0.1, POSITIVE)
 
     def validate(self) -> None:
-        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) or self.tolerance <= 0:
-            raise UserError(f"search.proximity.tolerance={self.tolerance!r}; allowed: a number > 0")
-        if self.update not in UPDATES:
-            raise UserError(f"search.proximity.update={self.update!r}; allowed: {', '.join(UPDATES)}")
-        if isinstance(self.dual_lr, bool) or not isinstance(self.dual_lr, (int, float)) or self.dual_lr <= 0:
-            raise UserError(f"search.proximity.dual_lr={self.dual_lr!r}; allowed: a number > 0")
+        check_fields(self, "search.proximity")
 
 
 def float_output(layer: QuantConv2d | QuantLinear, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from hmqsearch.errors import UserError
+from hmqsearch.settings import COUNT, Number, Real, check_fields, setting
 
 
-@dataclass(frozen=True)
+@dataclass
 class RampSpec:
     """``steps``: how many steps the bounds take from the start's cost to the budgets (0: the
     budgets from the first step, no ramp). ``until``: the fraction of the search at which the
@@ -28,15 +28,12 @@ class RampSpec:
     before it share [0, until) equally. ``tau_restart``: the temperature restarts at
     ``tau_start`` with each step and decays to ``tau_end`` within it."""
 
-    steps: int = 4
-    until: float = 0.5
+    steps: int = setting(4, COUNT)
+    until: Real = setting(0.5, Number(low=0, high=1, high_open=True))
     tau_restart: bool = True
 
     def validate(self) -> None:
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
-            raise UserError(f"search.ramp.steps={self.steps!r}; allowed: an integer >= 0 (0: no ramp)")
-        if not isinstance(self.until, (int, float)) or not 0.0 <= self.until < 1.0 or math.isnan(self.until):
-            raise UserError(f"search.ramp.until={self.until!r}; allowed: a fraction of the search in [0, 1)")
+        check_fields(self, "search.ramp")
 
     @property
     def _width(self) -> float:

@@ -4,23 +4,13 @@ measured latency.
 :func:`export_quantized` takes the model at its final assignment, example inputs and a loader
 to verify on, and writes into a given folder; it knows no config, data module or run
 directory (the run's export stage, :mod:`hmqsearch.run.export_stage`, ``hmqsearch export`` and
-the Python API call it).  Its ``options``, all optional (defaults in :data:`DEFAULTS`):
-
-* ``form``: ``onnxruntime`` (tuned for onnxruntime's integer kernels) or ``portable``
-  (DequantizeLinear on every integer weight), see :mod:`hmqsearch.export.onnx_export`;
-* ``tolerance_agreement``: minimum top-1 agreement (percent) between the graph (run without
-  graph optimizations) and PyTorch, ``tolerance_runtime_agreement``: the same for onnxruntime
-  with its integer kernels (see :mod:`hmqsearch.export.verify`); below either, the graph is
-  renamed ``model.FAILED-verification.onnx`` and a
-  :class:`~hmqsearch.export.verify.VerificationError` (a UserError) is raised;
-* ``verify_samples``: how many samples of ``loader`` the verification uses;
-* ``latency_batch``, ``latency_warmup``, ``latency_repeats``, ``latency_threads``: the whole-graph
-  latency measurement (median); ``compare_float``: also time the float32 graph of the same
-  network (not kept on disk) and report the speed-up.
+the Python API call it).  Its ``options``, all optional: their defaults and allowed values are
+:class:`~hmqsearch.export.options.ExportOptions`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -28,53 +18,34 @@ from typing import Any, Iterable, Mapping
 
 from hmqsearch.cost.latency import LatencyTable, exact_total_latency
 from hmqsearch.errors import UserError
-from hmqsearch.export.onnx_export import FORMS, ExportInfo, export_onnx
+from hmqsearch.export.onnx_export import ExportInfo, export_onnx
+from hmqsearch.export.options import ExportOptions
 from hmqsearch.export.packed import packed_paths, save_packed
 from hmqsearch.export.profiler import device_name, measure_graph_latency
 from hmqsearch.export.verify import fail_export, verify_onnx
 from hmqsearch.inputs import Inputs
 from hmqsearch.quant.prepare import QuantModel, QuantSpec
+from hmqsearch.settings import check_mapping, rules_of
 
 log = logging.getLogger(__name__)
 
 ONNX_NAME = "model.onnx"
 PACKED_BASE = "model.packed"
 
-DEFAULTS: dict[str, Any] = {
-    "form": "onnxruntime",
-    "tolerance_agreement": 99.5,
-    "tolerance_runtime_agreement": 99.5,
-    "verify_samples": 10000,
-    "latency_batch": 1,
-    "latency_warmup": 5,
-    "latency_repeats": 20,
-    "latency_threads": 1,
-    "compare_float": True,
-}
+DEFAULTS: dict[str, Any] = dataclasses.asdict(ExportOptions())
 
-
-# keys of the ``export`` config node that say what to export, not how (see conf/export/default.yaml)
+# keys of the ``export`` config node that say what to export, not how (hmqsearch/config_schema.py)
 STAGE_KEYS = ("enabled", "run_dir", "checkpoint", "precision", "allow_over_budget")
 
 
 def export_config(cfg_export: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``cfg_export`` over :data:`DEFAULTS`, checked."""
+    """``cfg_export`` over :data:`DEFAULTS`, checked against :class:`ExportOptions`' rules."""
     given = {k: v for k, v in dict(cfg_export or {}).items() if k not in STAGE_KEYS}
-    cfg = {**DEFAULTS, **given}
-    unknown = sorted(set(cfg) - set(DEFAULTS))
+    unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
         raise UserError(f"unknown export options {unknown}; allowed: {', '.join(DEFAULTS)}")
-    if cfg["form"] not in FORMS:
-        raise UserError(f"export.form={cfg['form']!r}; allowed: {', '.join(FORMS)}")
-    for key in ("tolerance_agreement", "tolerance_runtime_agreement"):
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float)) or not 0.0 <= cfg[key] <= 100.0:
-            raise UserError(f"export.{key}={cfg[key]!r}; allowed: a percentage 0..100")
-    for key in ("verify_samples", "latency_batch", "latency_repeats"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
-            raise UserError(f"export.{key}={cfg[key]!r}; allowed: an integer >= 1")
-    for key in ("latency_warmup", "latency_threads"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
-            raise UserError(f"export.{key}={cfg[key]!r}; allowed: an integer >= 0 (threads 0 = onnxruntime's choice)")
+    cfg = {**DEFAULTS, **given}
+    check_mapping({"export": cfg}, rules_of(ExportOptions, "export"))
     return cfg
 
 

@@ -52,8 +52,11 @@ class CheckpointOnSigterm(Callback):
             log.warning("SIGTERM: saved %s", self.path)
 
 
-def step_checkpoint(dirpath: Path, every_n_steps: int) -> ModelCheckpoint:
-    """``last.ckpt`` every ``every_n_steps`` optimizer steps (mid-epoch), besides the epoch-end one."""
+def step_checkpoint(dirpath: Path, every_n_steps: int) -> ModelCheckpoint | None:
+    """``last.ckpt`` every ``every_n_steps`` optimizer steps (mid-epoch), besides the epoch-end one;
+    none for 0."""
+    if not every_n_steps:
+        return None
     return ModelCheckpoint(
         dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_steps,
         save_on_train_epoch_end=False, enable_version_counter=False,

@@ -13,29 +13,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hmqsearch.errors import UserError
+from hmqsearch.settings import POSITIVE, Each, Number, OneOf, Real, check_fields, setting
 from hmqsearch.inputs import Inputs, device_of, run_model
 
 STAGES = ("search", "finetune")
 
 
-@dataclass(frozen=True)
+@dataclass
 class DistillSpec:
     """``loss = (1 - alpha) * CE(student, y) + alpha * T^2 * KL(teacher_T || student_T)``."""
 
     enabled: bool = False
-    alpha: float = 0.9
-    temperature: float = 4.0
-    stages: tuple[str, ...] = STAGES
+    alpha: Real = setting(0.9, Number(low=0, high=1))  # weight of the distillation term
+    temperature: Real = setting(4.0, POSITIVE)  # softmax temperature of teacher and student
+    stages: tuple[str, ...] = setting(STAGES, Each(OneOf(STAGES)))
 
     def validate(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise UserError(f"distill.alpha={self.alpha}; allowed: a number in [0, 1]")
-        if not self.temperature > 0.0:
-            raise UserError(f"distill.temperature={self.temperature}; allowed: a number > 0")
-        bad = [s for s in self.stages if s not in STAGES]
-        if bad:
-            raise UserError(f"distill.stages={list(self.stages)}; allowed entries: {', '.join(STAGES)}")
+        check_fields(self, "distill")
 
     def applies_to(self, stage: str) -> bool:
         return self.enabled and stage in self.stages

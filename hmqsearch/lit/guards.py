@@ -56,8 +56,8 @@ class NonFiniteGuard(Callback):
     callbacks run after this one, so ``last.ckpt`` stays the last good state.
     """
 
-    def __init__(self, stage: str, checkpoint_dir: str) -> None:
-        self.stage, self.checkpoint_dir = stage, checkpoint_dir
+    def __init__(self, stage: str, dirpath: str | Path) -> None:
+        self.stage, self.checkpoint_dir = stage, Path(dirpath)
         self._inputs: Inputs | None = None
         self._loss_problem: tuple[str, str | None] | None = None
 
@@ -68,7 +68,7 @@ class NonFiniteGuard(Callback):
         where = f" in layer {layer}" if layer else ""
         raise RunHalted(
             f"non-finite {what} at {self.stage} step {trainer.global_step} (epoch {trainer.current_epoch}){where}; "
-            f"training stopped; {kept_checkpoints(Path(self.checkpoint_dir))}"
+            f"training stopped; {kept_checkpoints(self.checkpoint_dir)}"
         )
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:

@@ -38,7 +38,7 @@ from hmqsearch.lit.capture import check_capture
 from hmqsearch.lit.ddp import is_rank_zero, rank_disagreement
 from hmqsearch.lit.device import on_device, stage_device
 from hmqsearch.lit.evaluate import evaluate
-from hmqsearch.lit.trainer import RunLoggers
+from hmqsearch.lit.trainer import run_loggers
 from hmqsearch.lr_scaling import scale_learning_rates
 from hmqsearch.models.fit import describe_misfit
 from hmqsearch.models.pretrained import load_pretrained
@@ -125,7 +125,7 @@ def build(state: RunState) -> None:
         probe = prepare(state.net, state.spec, state.example)
         build_constraints(probe, state.budgets, latency_table(probe, cfg))
     state.pretrained = load_pretrained(state.net, cfg.model.pretrained) if cfg.model.pretrained else None
-    state.loggers = RunLoggers(cfg.logger, state.run_dir, OmegaConf.to_container(cfg, resolve=True))
+    state.loggers = run_loggers(cfg.logger, state.run_dir, OmegaConf.to_container(cfg, resolve=True))
     state.resume = Resume.from_cfg(cfg, state.run_dir)
 
 

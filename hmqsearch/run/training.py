@@ -43,11 +43,10 @@ def fit(state: RunState, module: pl.LightningModule, stage: str, monitor: str | 
         load_checkpoint(plan.checkpoint, module, stage)
         log.info("%s: continuing from %s", stage, plan.checkpoint)
     trainer = make_trainer(
-        cfg.trainer, stage, state.run_dir, state.loggers.for_stage(stage), cfg[stage].epochs,
-        monitor, cfg.callbacks.progress_bar, cfg.callbacks.checkpoint_every_n_steps,
+        cfg.trainer, cfg.callbacks, stage, state.run_dir, state.loggers.for_stage(stage), cfg[stage].epochs, monitor,
     )
     module.train()  # prepared models come back in eval mode; Lightning keeps the mode it finds
-    capture_forward(module, cfg.get("step_capture", "none"))
+    capture_forward(module, cfg.step_capture)
     # Our own checkpoints hold the numpy RNG state, which torch's weights-only loader refuses.
     trainer.fit(module, datamodule=state.datamodule, ckpt_path=plan.checkpoint, weights_only=False)
     best = trainer.checkpoint_callback.best_model_path if monitor else ""
