@@ -103,6 +103,26 @@ def test_spiq_assigns_without_data_and_keeps_the_float_function():
         SPIQ().assign(Prepared(prepare(net, QuantSpec(weight_bits=[8], act_bits=[8]), x[:8]), net))
 
 
+class _Branchy(torch.nn.Module):
+    """A network torch.fx cannot trace: its forward branches on the data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) if x.sum() > 0 else self.conv(x)
+
+
+def test_spiq_refuses_before_training_what_it_cannot_read():
+    with pytest.raises(UserError, match="method=spiq needs a torch.fx-traceable network"):
+        SPIQ().check(_Branchy(), (0.0,), (1.0,))
+    with pytest.raises(UserError, match="method=spiq needs the data's input normalisation"):
+        SPIQ().check(SmallCNN(), None, None)
+    SPIQ().check(SmallCNN(), (0.5,), (0.25,))
+    HMQSearch().check(_Branchy(), None, None)  # the others take any network
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     """hmq, uniform, ptq and spiq through train.py on the digits default, short epochs."""

@@ -100,6 +100,10 @@ class Method(ABC):
             return spec
         return replace(spec, weight_bits=[self.weight_bits], act_bits=[self.act_bits], embedding_bits=None)
 
+    def check(self, net: nn.Module, input_mean: Sequence[float] | None, input_std: Sequence[float] | None) -> None:
+        """Refuse (:class:`UserError`) a network or data this method cannot work on, before any
+        training; ``net`` may still be untrained.  Every method so far but SPIQ takes any."""
+
     @abstractmethod
     def assign(self, prepared: Prepared) -> Assignment:
         """Write this method's assignment into ``prepared.qmodel`` and return it."""

@@ -13,14 +13,17 @@ range; the network input keeps ``search.first_layer_act_bits``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
+
+from torch import nn
 
 from hmqsearch.errors import UserError
 from hmqsearch.methods.base import Method, Precision, Prepared, as_precision
 from hmqsearch.methods.fixed import assign_fixed
 from hmqsearch.quant.assignment import Assignment
-from hmqsearch.quant.bn_ranges import DEFAULT_K, input_ranges
+from hmqsearch.quant.bn_ranges import DEFAULT_K, ChannelRange, input_ranges
 from hmqsearch.quant.spiq import apply_spiq
 
 
@@ -45,10 +48,25 @@ class SPIQ(Method):
         if not isinstance(self.power_of_two, bool):
             raise UserError(f"method.power_of_two={self.power_of_two!r}; allowed: true, false")
 
+    def check(self, net: nn.Module, input_mean: Sequence[float] | None, input_std: Sequence[float] | None) -> None:
+        """The data-free ranges can be read from ``net`` (traceable, every operation known) and
+        the data declares its input normalisation."""
+        self._ranges(net, input_mean, input_std)
+
     def assign(self, prepared: Prepared) -> Assignment:
         """Fold the batch-norm ranges into ``prepared.qmodel`` and fix its single precision."""
-        if prepared.input_mean is None or prepared.input_std is None:
-            raise UserError("method=spiq needs the data's input normalisation: a data module with mean and std")
-        ranges = input_ranges(prepared.net, prepared.input_mean, prepared.input_std, self.k)
+        ranges = self._ranges(prepared.net, prepared.input_mean, prepared.input_std)
         apply_spiq(prepared.qmodel, ranges, self.power_of_two)
         return assign_fixed(prepared.qmodel, weights_covering=False, inputs_covering=True)
+
+    def _ranges(
+        self, net: nn.Module, input_mean: Sequence[float] | None, input_std: Sequence[float] | None
+    ) -> dict[str, ChannelRange]:
+        if input_mean is None or input_std is None:
+            raise UserError("method=spiq needs the data's input normalisation: a data module with mean and std")
+        try:
+            return input_ranges(net, input_mean, input_std, self.k)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any tracing failure means "no data-free ranges"
+            raise UserError(f"method=spiq needs a torch.fx-traceable network: {str(exc).splitlines()[0]}") from exc

@@ -113,8 +113,9 @@ def validate(cfg: DictConfig, run_dir: Path) -> RunState:
 
 
 def build(state: RunState) -> None:
-    """The data module, the network and the calibration batches, checked against each other;
-    the budgets checked on the network's structure alone; the pretrained weights; the loggers."""
+    """The data module, the network and the calibration batches, checked against each other and
+    by the method; the budgets checked on the network's structure alone; the pretrained weights;
+    the loggers."""
     cfg = state.cfg
     state.datamodule = instantiate_node(cfg.data)
     state.datamodule.setup("fit")
@@ -123,6 +124,7 @@ def build(state: RunState) -> None:
     state.model_title = str(cfg.model.net._target_).rsplit(".", 1)[-1]
     state.calib, state.example = _calibration_batches(state)
     _check_data_fits_model(state.net, state.example, state.num_classes, cfg)
+    state.method.check(state.net, *_input_normalisation(state.datamodule))
     if state.method.searches:  # can the budgets be met at all? known before any training
         probe = prepare(state.net, state.spec, state.example)
         build_constraints(probe, state.budgets, latency_table(probe, cfg))
