@@ -23,7 +23,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "constraints": (("constrained",), ("costs",)),
     "training": (("data", "models", "lit"), ("constraints",)),
     "artifacts": (("export", "report"), ("constraints",)),
-    "methods": (("baselines",), ("training", "artifacts")),
+    "methods": (("methods",), ("training", "artifacts")),
     "run": (("run", "api", "resume", "sweep", "lr_scaling", "config_schema", "config_check", "config_keys"), ("methods",)),
     "tools": (("", "cli", "report.__main__", "report.runs", "report.pareto"), ("run",)),
 }

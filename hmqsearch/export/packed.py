@@ -43,6 +43,7 @@ from hmqsearch.io import atomic_write, write_json
 from hmqsearch.quant.assignment import Assignment
 from hmqsearch.quant.prepare import Pin, QuantLayer, QuantModel, QuantSpec, prepare
 from hmqsearch.quant.scheme import Scheme
+from hmqsearch.quant.spiq import restore_input_scales
 
 FORMAT = "hmqsearch-packed"
 VERSION = 2  # 2: the inputs' structure and one example sample (1: a float input_shape only)
@@ -298,6 +299,7 @@ def load_packed(path: str | Path, model: torch.nn.Module | None = None, example:
         if layer.bias is not None:
             layer.bias.copy_(torch.from_numpy(_tensor(tensors, f"{name}.bias", st_path)))
     extra = {k.removeprefix(EXTRA): torch.from_numpy(v) for k, v in tensors.items() if k.startswith(EXTRA)}
+    restore_input_scales(qmodel, extra)  # a SPIQ model's per-channel input scales
     prefixes = tuple(f"{name}." for name in qmodel.layer_names)
     expected = {k for k in qmodel.net.state_dict() if not k.startswith(prefixes)}
     if set(extra) != expected:

@@ -19,6 +19,8 @@ graph is a power of two; the default keeps the paper's exact ratios.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.fx
 from torch import Tensor, nn
@@ -122,6 +124,20 @@ def apply_spiq(qmodel: QuantModel, ranges: dict[str, ChannelRange], power_of_two
         scales[name] = s
     _insert_scale_modules(qmodel, scales)
     return scales
+
+
+def restore_input_scales(qmodel: QuantModel, state: Mapping[str, Tensor]) -> int:
+    """Put SPIQ's input-scale modules back into a freshly prepared ``qmodel`` from ``state``, the
+    state dict of a SPIQ model (its network's or the QuantModel's, keys
+    ``[net.]spiq_input_scales.<layer>.inv_scale``), so that ``state`` loads into it; returns
+    how many layers got a scale (0: ``state`` is not a SPIQ model's, ``qmodel`` unchanged).
+    The folded weights and the scales' values come with the state dict."""
+    marker, suffix = f"{SCALES_ATTR}.", ".inv_scale"
+    held = {k.split(marker, 1)[1].removesuffix(suffix): v for k, v in state.items() if marker in k and k.endswith(suffix)}
+    scales = {name: 1.0 / held[name.replace(".", "_")] for name in qmodel.layer_names if name.replace(".", "_") in held}
+    if scales:
+        _insert_scale_modules(qmodel, scales)
+    return len(scales)
 
 
 def static_per_tensor_ranges(qmodel: QuantModel, ranges: dict[str, ChannelRange]) -> dict[str, float]:

@@ -18,6 +18,7 @@ STYLE = {  # method -> (marker, colour, legend name)
     "hmq": ("o", "tab:blue", "HMQ search"),
     "uniform": ("s", "tab:orange", "uniform QAT"),
     "ptq": ("^", "tab:green", "PTQ (no training)"),
+    "spiq": ("D", "tab:purple", "SPIQ (data-free)"),
 }
 
 
@@ -131,7 +132,7 @@ def pareto_plot(runs: list[Run], path: Path, title: str = "Test top-1 vs packed 
     done = [r for r in runs if r.complete]
     fig, axes = plt.subplots(1, 2, figsize=(14, 6), dpi=120)
     float_top1 = done[0].summary["float_top1"] if done else None
-    trained = [r.summary["quant_top1"] for r in done if r.method != "ptq"] or [r.summary["quant_top1"] for r in done]
+    trained = [r.summary["quant_top1"] for r in done if r.method not in ("ptq", "spiq")] or [r.summary["quant_top1"] for r in done]
     floor = min(trained + [float_top1 or 100.0]) - 2.0
     reference = float_top1 or max(trained, default=100.0)
     top, near = reference + 1.0, reference - 3.0

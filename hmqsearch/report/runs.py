@@ -40,6 +40,8 @@ class Run:
         precision = f"W{m.get('weight_bits')}A{m.get('act_bits')}"
         if self.method == "uniform":
             return f"uniform {precision}"
+        if self.method == "spiq":
+            return f"SPIQ {precision}"
         calib = m.get("calibration", "")
         if calib == "percentile":
             calib = f"p{m.get('percentile')}"

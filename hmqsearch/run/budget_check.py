@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 def budget_overruns(qmodel: QuantModel, run_cfg: Any) -> list[str]:
     """Each budget of ``run_cfg`` (the run's resolved config) that ``qmodel``'s assignment breaks,
-    with its exact cost; none for a baseline, which is not searched under budgets."""
-    if run_method(run_cfg).is_baseline:
+    with its exact cost; none for a method that does not search under the budgets."""
+    if not run_method(run_cfg).searches:
         return []
     budgets = budget_spec(run_cfg)
     cost = run_cfg.get("cost") or {}

@@ -8,24 +8,31 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from hmqsearch.baselines import Method, baseline_spec, parse_method
 from hmqsearch.constrained.budgets import BudgetSpec
 from hmqsearch.constrained.proximity import ProximitySpec
 from hmqsearch.constrained.ramp import RampSpec
 from hmqsearch.cost import latency as lat
 from hmqsearch.errors import UserError
 from hmqsearch.lit.distill import DistillSpec
+from hmqsearch.methods import HMQSearch, Method, by_name
 from hmqsearch.quant.prepare import Pin, QuantModel, QuantSpec
 
 
 def run_method(cfg: DictConfig) -> Method:
-    """The search or a baseline (``method=``); configs written before baselines existed mean the search."""
-    method = cfg.get("method")
-    return parse_method(method.name, method.get("precision")) if method else Method("hmq")
+    """The run's method (``method=``, its ``_target_`` instantiated).  A run directory's config
+    written before ``_target_`` names it by ``name``; one written before methods existed means
+    the search."""
+    node = cfg.get("method")
+    if not node:
+        return HMQSearch()
+    if "_target_" in node:
+        return instantiate_node(node)
+    options = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    return by_name(options.pop("name"), **options)
 
 
 def quant_spec(cfg: DictConfig) -> QuantSpec:
-    """The quantization spec of the run, narrowed to a baseline's single precision."""
+    """The quantization spec of the run, narrowed to the method's candidates."""
     s = cfg.search
     pins = [Pin(**p) for p in (OmegaConf.to_container(s.pins, resolve=True) if s.get("pins") else [])]
     spec = QuantSpec(
@@ -35,7 +42,7 @@ def quant_spec(cfg: DictConfig) -> QuantSpec:
         embedding_bits=list(s.embedding_bits) if s.get("embedding_bits") is not None else None,
     )
     spec.validate()
-    return baseline_spec(spec, run_method(cfg))
+    return run_method(cfg).quant_spec(spec)
 
 
 def budget_spec(cfg: DictConfig) -> BudgetSpec:

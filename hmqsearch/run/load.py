@@ -22,6 +22,7 @@ from hmqsearch.export.precision import apply_precision, read_precision
 from hmqsearch.export.verify import first_batch
 from hmqsearch.inputs import take
 from hmqsearch.quant.prepare import QuantModel, QuantSpec, prepare
+from hmqsearch.quant.spiq import restore_input_scales
 from hmqsearch.run.config import quant_spec
 
 if TYPE_CHECKING:  # Lightning is not imported to read a summary (the report)
@@ -126,8 +127,10 @@ def load_artifacts(precision_path: Path, checkpoint: Path) -> FinishedRun:
     net = instantiate(cfg.model.net)
     datamodule = build_datamodule(cfg)
     qmodel = prepare(net, spec, take(first_batch(datamodule.test_dataloader()), 8))
+    state = _load_state(checkpoint)
+    restore_input_scales(qmodel, state)  # a SPIQ model's per-channel input scales
     try:
-        qmodel.load_state_dict(_load_state(checkpoint))
+        qmodel.load_state_dict(state)
     except RuntimeError as exc:
         raise UserError(f"{checkpoint} does not fit the model of {precision_path}: {str(exc).splitlines()[0]}") from exc
     apply_precision(qmodel, precision, source=str(precision_path))

@@ -1,9 +1,12 @@
 """The run, stage by stage, over one :class:`~hmqsearch.run.state.RunState`:
 
-validate -> build -> pretrain -> evaluate_float -> calibrate -> assign (a baseline's fixed
-precision, or start_search -> search -> repair_assignment -> fill_assignment ->
-reestimate_batch_norms) -> finetune -> account -> summary -> write_artifacts -> export ->
-the final table.
+validate -> build -> pretrain -> evaluate_float -> calibrate -> assign (the method's own
+assignment, or for a method that searches start_search -> search -> repair_assignment ->
+fill_assignment -> reestimate_batch_norms) -> finetune -> account -> summary ->
+write_artifacts -> export -> the final table.
+
+The method (:mod:`hmqsearch.methods`) declares what the stages do around it: whether it
+searches under the budgets, calibrates on training images, trains after the assignment.
 
 Everything a user can get wrong in the configuration is checked before the first training
 step (validate, build), including whether the budgets can be met at all.
@@ -21,7 +24,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from hmqsearch.baselines import assign_fixed
 from hmqsearch.constrained.budgets import build_constraints
 from hmqsearch.constrained.constraints import check_enforce
 from hmqsearch.constrained.repair import fill, repair
@@ -40,6 +42,7 @@ from hmqsearch.lit.device import on_device, stage_device
 from hmqsearch.lit.evaluate import evaluate
 from hmqsearch.lit.trainer import run_loggers
 from hmqsearch.lr_scaling import scale_learning_rates
+from hmqsearch.methods import Prepared
 from hmqsearch.models.fit import describe_misfit
 from hmqsearch.models.pretrained import load_pretrained
 from hmqsearch.quant.assignment import Assignment
@@ -110,23 +113,37 @@ def validate(cfg: DictConfig, run_dir: Path) -> RunState:
 
 
 def build(state: RunState) -> None:
-    """The data module, the network and the calibration batches, checked against each other;
-    the budgets checked on the network's structure alone; the pretrained weights; the loggers."""
+    """The data module, the network and the calibration batches, checked against each other and
+    by the method; the budgets checked on the network's structure alone; the pretrained weights;
+    the loggers."""
     cfg = state.cfg
     state.datamodule = instantiate_node(cfg.data)
     state.datamodule.setup("fit")
     state.num_classes = state.datamodule.num_classes
     state.net = instantiate_node(cfg.model.net)
     state.model_title = str(cfg.model.net._target_).rsplit(".", 1)[-1]
-    state.calib = state.datamodule.calibration_batches(cfg.search.calibration.batches)
-    state.example = take(state.calib[0], 8)
+    state.calib, state.example = _calibration_batches(state)
     _check_data_fits_model(state.net, state.example, state.num_classes, cfg)
-    if not state.method.is_baseline:  # can the budgets be met at all? known before any training
+    state.method.check(state.net, *_input_normalisation(state.datamodule))
+    if state.method.searches:  # can the budgets be met at all? known before any training
         probe = prepare(state.net, state.spec, state.example)
         build_constraints(probe, state.budgets, latency_table(probe, cfg))
     state.pretrained = load_pretrained(state.net, cfg.model.pretrained) if cfg.model.pretrained else None
     state.loggers = run_loggers(cfg.logger, state.run_dir, OmegaConf.to_container(cfg, resolve=True))
     state.resume = Resume.from_cfg(cfg, state.run_dir)
+
+
+def _calibration_batches(state: RunState) -> tuple[list[Inputs], Inputs]:
+    """The calibration batches and the 8 inputs prepare traces: the first batch's first 8, or
+    for a data-free method no batch and 8 zero images of the data's input shape."""
+    if state.method.calibrates:
+        calib = state.datamodule.calibration_batches(state.cfg.search.calibration.batches)
+        return calib, take(calib[0], 8)
+    shape = getattr(state.datamodule, "input_shape", None)
+    if shape is None:
+        raise UserError(f"method={state.method.name} is data-free and needs the data's input_shape, "
+                        f"which {state.cfg.data._target_} does not declare")
+    return [], torch.zeros(8, *shape)
 
 
 def _check_data_fits_model(net: nn.Module, example: Inputs, num_classes: int, cfg: DictConfig) -> None:
@@ -169,18 +186,24 @@ def calibrate(state: RunState) -> None:
     calibration = state.cfg.search.calibration
     with state.timed("calibrate_s"):
         state.qmodel = prepare(state.net, state.spec, state.example)
-        with on_device(state.qmodel, state.device):
-            state.ranges = calibrate_activations(state.qmodel, state.calib, calibration.method, calibration.percentile)
+        state.ranges = {}
+        if state.method.calibrates:
+            with on_device(state.qmodel, state.device):
+                state.ranges = calibrate_activations(
+                    state.qmodel, state.calib, calibration.method, calibration.percentile
+                )
         state.latency_table = latency_table(state.qmodel, state.cfg)
-        if not state.method.is_baseline:
+        if state.method.searches:
             state.constraints = build_constraints(state.qmodel, state.budgets, state.latency_table)
 
 
 def assign(state: RunState) -> None:
-    """The final assignment: a baseline's fixed precision, or the search from its warm start,
-    repaired and filled against the exact budgets."""
-    if state.method.is_baseline:
-        assign_fixed(state.qmodel, state.method)
+    """The final assignment: the method's own, or for a method that searches the search from
+    its warm start, repaired and filled against the exact budgets."""
+    if not state.method.searches:
+        state.method.assign(Prepared(
+            state.qmodel, state.net, state.calib, state.constraints, *_input_normalisation(state.datamodule)
+        ))
         state.qmodel.set_state("fixed")
         return
     start_search(state)
@@ -191,6 +214,19 @@ def assign(state: RunState) -> None:
         trace = state.search.module.trace
         write_search_trace(trace.start, trace.history, trace.argmax_bits(), state.run_dir, state.model_title)
     reestimate_batch_norms(state)
+
+
+def _input_normalisation(datamodule: Any) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """The data's per-channel input normalisation (mean, std), where the data module declares
+    it (one number stands for every channel)."""
+    mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+    if mean is None or std is None:
+        return None, None
+    return _per_channel(mean), _per_channel(std)
+
+
+def _per_channel(value: Any) -> tuple[float, ...]:
+    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),)
 
 
 def start_search(state: RunState) -> None:

@@ -18,7 +18,6 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from hmqsearch.baselines import Method
 from hmqsearch.constrained.allocation import Sensitivity
 from hmqsearch.constrained.budgets import BudgetSpec
 from hmqsearch.constrained.constraints import Constraint
@@ -28,14 +27,15 @@ from hmqsearch.inputs import Inputs
 from hmqsearch.lit.distill import DistillSpec, Distiller
 from hmqsearch.lit.search import SearchModule
 from hmqsearch.lit.trainer import RunLoggers
+from hmqsearch.methods import Method
 from hmqsearch.quant.prepare import QuantModel, QuantSpec
 from hmqsearch.resume import Resume
 
 
 @dataclass
 class SearchOutcome:
-    """What the search and its repair left for the summary; the defaults are a baseline's,
-    which is not searched."""
+    """What the search and its repair left for the summary; the defaults are those of a method
+    that does not search."""
 
     start_bits: dict[str, int] | None = None
     start_sensitivity: Sensitivity | None = None
@@ -66,8 +66,8 @@ class RunState:
     num_classes: int = field(init=False)
     net: nn.Module = field(init=False)  # the float model
     model_title: str = field(init=False)
-    calib: list[Inputs] = field(init=False)  # calibration batches
-    example: Inputs = field(init=False)  # 8 calibration inputs: what prepare traces
+    calib: list[Inputs] = field(init=False)  # calibration batches; none for a data-free method
+    example: Inputs = field(init=False)  # 8 calibration inputs (zeros for a data-free method): what prepare traces
     pretrained: dict[str, Any] | None = None  # the loaded checkpoint's metadata; None: pretrain
     loggers: RunLoggers = field(init=False)
     resume: Resume = field(init=False)
@@ -79,8 +79,8 @@ class RunState:
     qmodel: QuantModel = field(init=False)
     ranges: dict[str, float] = field(init=False)
     latency_table: LatencyTable | None = None
-    constraints: list[Constraint] = field(default_factory=list)  # none for a baseline
-    # assign: warm start, search, repair, fill, batch-norm re-estimation (or a baseline's assignment)
+    constraints: list[Constraint] = field(default_factory=list)  # none unless the method searches
+    # assign: warm start, search, repair, fill, batch-norm re-estimation (or the method's assignment)
     search: SearchOutcome = field(default_factory=SearchOutcome)
     search_top1: float = field(init=False)
     # finetune

@@ -23,12 +23,12 @@ from hmqsearch.lit.ddp import world_size
 from hmqsearch.run.load import SUMMARY
 from hmqsearch.run.state import RunState
 
-OMIT_IF_NONE = {"omit_if_none": True}  # a key a baseline's summary leaves out
+OMIT_IF_NONE = {"omit_if_none": True}  # a key left out of the summary of a method that does not search
 
 
 @dataclass
 class Summary:
-    method: dict[str, Any]  # name, label, weight_bits, act_bits, calibration, percentile
+    method: dict[str, Any]  # name, label, weight_bits, act_bits, calibration_batches, calibration, percentile
     float_top1: float
     search_top1: float  # after the assignment (and its batch-norm re-estimation), before fine-tuning
     quant_top1: float
@@ -43,7 +43,7 @@ class Summary:
     compression_model: float
     budget_scope: str
     float_parameters: list[dict[str, Any]]
-    feasible: bool | None  # None for a baseline, which has no budgets
+    feasible: bool | None  # None for a method that does not search, which has no budgets
     latency_model: str | None
     expected_latency: float | None
     exact_latency: float | None
@@ -84,8 +84,9 @@ def summarize(state: RunState) -> Summary:
     budgets = state.budget_report
     return Summary(
         method={"name": method.name, "label": method.label, "weight_bits": method.weight_bits,
-                "act_bits": method.act_bits, "calibration": cfg.search.calibration.method,
-                "percentile": cfg.search.calibration.percentile},
+                "act_bits": method.act_bits, "calibration_batches": len(state.calib),
+                "calibration": cfg.search.calibration.method if method.calibrates else None,
+                "percentile": cfg.search.calibration.percentile if method.calibrates else None},
         float_top1=state.float_top1, search_top1=state.search_top1, quant_top1=state.quant_top1,
         weight_bytes_packed=costs["weight_bytes_packed"],
         budget_weight_bytes=budgets.get("weight_bytes", {}).get("budget"),
@@ -94,7 +95,7 @@ def summarize(state: RunState) -> Summary:
         model_float_bytes=costs["model_float_bytes"], model_bytes_packed=costs["model_bytes_packed"],
         compression_model=costs["compression_model"], budget_scope=state.budgets.scope,
         float_parameters=[t.__dict__ for t in state.qmodel.float_parameters()],
-        feasible=None if method.is_baseline else all(c.satisfied() for c in state.constraints),
+        feasible=None if not method.searches else all(c.satisfied() for c in state.constraints),
         latency_model=costs["latency_model"], expected_latency=costs["expected_latency"],
         exact_latency=costs["exact_latency"], budget_latency_ms=budgets.get("latency_ms", {}).get("budget"),
         bops=costs["bops"], compression_bops=costs["compression_bops"],
