@@ -10,8 +10,8 @@
 
 Example (the figures in docs/spiq_sensitivity.md):
 
-    flock /tmp/hmq-heavy.lock python benchmarks/layer_sensitivity.py --root ../shared/data/cifar10 \
-        --weights ../shared/data/weights/resnet20-12fca82f.th --out /work/runs/spiq/sensitivity \
+    python benchmarks/layer_sensitivity.py --root ../shared/data/cifar10 \
+        --weights ../shared/data/weights/resnet20-12fca82f.th --out runs/spiq/sensitivity \
         --train-subset 2560 --test-subset 1000 --epochs 1
 """
 

@@ -3,8 +3,8 @@
 Writes ``<out>/mobilenetv2_w<width>.pt`` (a state_dict) and ``<out>/mobilenetv2_w<width>.json``
 (the settings and the float test top-1 on the class-balanced test subset).  Example:
 
-    flock /tmp/hmq-heavy.lock python benchmarks/pretrain_mobilenetv2.py \
-        --root ../shared/data/cifar10 --out /work/runs/spiq --width 0.5 --train-subset 12000 --epochs 1
+    python benchmarks/pretrain_mobilenetv2.py \
+        --root ../shared/data/cifar10 --out runs/spiq --width 0.5 --train-subset 12000 --epochs 1
 """
 
 from __future__ import annotations

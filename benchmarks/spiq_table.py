@@ -13,10 +13,10 @@ Weights: per output channel, power-of-two thresholds, each bit-width's lowest-MS
 the weights (data-free); inputs: power-of-two threshold 2^ceil(log2 range); the network input
 stays at 8 bits; no fine-tuning.  Example (the figures in docs/spiq_sensitivity.md):
 
-    flock /tmp/hmq-heavy.lock python benchmarks/spiq_table.py --root ../shared/data/cifar10 \
+    python benchmarks/spiq_table.py --root ../shared/data/cifar10 \
         --resnet20 ../shared/data/weights/resnet20-12fca82f.th \
-        --mobilenetv2 /work/runs/spiq/mobilenetv2_w0.5.pt --mobilenetv2-width 0.5 \
-        --test-subset 2000 --out /work/runs/spiq/spiq_table.md
+        --mobilenetv2 runs/spiq/mobilenetv2_w0.5.pt --mobilenetv2-width 0.5 \
+        --test-subset 2000 --out runs/spiq/spiq_table.md
 """
 
 from __future__ import annotations
