@@ -55,7 +55,7 @@ from hmqsearch.report.sensitivity import write_sensitivity_report
 from hmqsearch.report.table import print_final_table
 from hmqsearch.resume import Resume
 from hmqsearch.run.config import (
-    budget_spec, check_counts, distill_spec, instantiate_node, latency_table, proximity_spec, quant_spec, ramp_spec,
+    budget_spec, distill_spec, instantiate_node, latency_table, proximity_spec, quant_spec, ramp_spec,
     run_method,
 )
 from hmqsearch.run.load import PRECISION, QUANTIZED_STATE, SUMMARY
@@ -104,7 +104,6 @@ def validate(cfg: DictConfig, run_dir: Path) -> RunState:
     check_enforce(cfg.search.get("enforce", "expected"))
     distill = distill_spec(cfg)
     check_start(cfg.search.get("start", "highest"))
-    check_counts(cfg)
     export_config(OmegaConf.to_container(cfg.export, resolve=True))  # export options checked before training
     device = stage_device(cfg.trainer)
     check_capture(cfg.get("step_capture", "none"), device)
