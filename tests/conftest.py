@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import hmqsearch.config_schema  # noqa: F401 - registers the schema that every composition of conf/ builds on
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -45,7 +47,6 @@ def write_calibrated_run(run_dir: Path, overrides: list[str]) -> Path:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    import hmqsearch.config_schema  # noqa: F401 - registers the schema conf/train.yaml composes onto
     from hmqsearch.export.precision import write_precision
     from hmqsearch.quant.assignment import Assignment
     from hmqsearch.quant.calibrate import calibrate_activations

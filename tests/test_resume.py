@@ -97,7 +97,6 @@ def test_resume_of_a_sweep_preset_job_runs_in_its_own_directory(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.types import RunMode
 
-    import hmqsearch.config_schema  # noqa: F401 - registers the schema conf/train.yaml composes onto
     from hmqsearch.resume import resume_argv
 
     run_dir = tmp_path / "c4"

@@ -31,8 +31,9 @@ def run_method(cfg: DictConfig) -> Method:
     return by_name(options.pop("name"), **options)
 
 
-def quant_spec(cfg: DictConfig) -> QuantSpec:
-    """The quantization spec of the run, narrowed to the method's candidates."""
+def quant_spec(cfg: DictConfig, method: Method | None = None) -> QuantSpec:
+    """The quantization spec of the run, narrowed to the candidates of ``method`` (the run's own
+    when not given)."""
     s = cfg.search
     pins = [Pin(**p) for p in (OmegaConf.to_container(s.pins, resolve=True) if s.get("pins") else [])]
     spec = QuantSpec(
@@ -42,7 +43,7 @@ def quant_spec(cfg: DictConfig) -> QuantSpec:
         embedding_bits=list(s.embedding_bits) if s.get("embedding_bits") is not None else None,
     )
     spec.validate()
-    return run_method(cfg).quant_spec(spec)
+    return (method or run_method(cfg)).quant_spec(spec)
 
 
 def budget_spec(cfg: DictConfig) -> BudgetSpec:

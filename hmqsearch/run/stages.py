@@ -98,15 +98,15 @@ def validate(cfg: DictConfig, run_dir: Path) -> RunState:
     """Check every part of the config that needs no data or model, then seed."""
     cfg = scale_learning_rates(cfg)
     method = run_method(cfg)
-    spec, budgets = quant_spec(cfg), budget_spec(cfg)
+    spec, budgets = quant_spec(cfg, method), budget_spec(cfg)
     proximity_spec(cfg)
     ramp_spec(cfg)
-    check_enforce(cfg.search.get("enforce", "expected"))
+    check_enforce(cfg.search.enforce)
     distill = distill_spec(cfg)
-    check_start(cfg.search.get("start", "highest"))
+    check_start(cfg.search.start)
     export_config(OmegaConf.to_container(cfg.export, resolve=True))  # export options checked before training
     device = stage_device(cfg.trainer)
-    check_capture(cfg.get("step_capture", "none"), device)
+    check_capture(cfg.step_capture, device)
     pl.seed_everything(cfg.seed, workers=True)
     return RunState(cfg, Path(run_dir), method, spec, budgets, distill, device)
 
@@ -233,7 +233,7 @@ def start_search(state: RunState) -> None:
     cfg = state.cfg
     with on_device(state.qmodel, state.device):
         start = warm_start(
-            state.qmodel, state.constraints, cfg.search.get("start", "highest"), state.calib, cfg.callbacks.progress_bar
+            state.qmodel, state.constraints, cfg.search.start, state.calib, cfg.callbacks.progress_bar
         )
     state.search.start_bits, state.search.start_sensitivity = start.bits, start.sensitivity
     if start.sensitivity is not None and is_rank_zero():
@@ -261,7 +261,7 @@ def search(state: RunState) -> None:
 
 def repair_assignment(state: RunState) -> None:
     """Lower bit-widths until the argmax meets every budget exactly (``search.repair_by``)."""
-    by_duals = state.cfg.search.get("repair_by", "margin") == "duals"
+    by_duals = state.cfg.search.repair_by == "duals"
     state.search.repair = repair(state.qmodel, state.constraints, state.search.proximity_duals if by_duals else None)
 
 
@@ -275,7 +275,7 @@ def reestimate_batch_norms(state: RunState) -> None:
     """Batch-norm statistics of the assigned model (``search.bn_batches`` training batches)."""
     with on_device(state.qmodel, state.device):
         state.search.bn_batches = reestimate_batch_norm(
-            state.qmodel, state.datamodule.train_dataloader(), state.cfg.search.get("bn_batches", 0)
+            state.qmodel, state.datamodule.train_dataloader(), state.cfg.search.bn_batches
         )
 
 

@@ -67,7 +67,7 @@ def train_search(state: RunState) -> SearchModule:
     """The constrained search over the calibrated model; leaves it in the fixed state."""
     cfg, qmodel = state.cfg.search, state.qmodel
     qmodel.set_state("search")
-    enforce_on(state.constraints, qmodel, cfg.get("enforce", "expected"))
+    enforce_on(state.constraints, qmodel, cfg.enforce)
     prox = proximity_spec(state.cfg)
     module = SearchModule(
         qmodel, state.num_classes, _optimizer(state, "search"), cfg.lr, cfg.logit_lr, state.constraints,
