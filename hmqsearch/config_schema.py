@@ -90,6 +90,7 @@ class SearchConfig:
     logit_lr: Real = setting(0.02, POSITIVE)  # HMQ logits: their own optimizer (logit_optimizer), constant rate
     dual_lr: Real = setting(0.1, NON_NEGATIVE)  # dual ascent step: lambda <- max(0, lambda + dual_lr * v)
     # argmax: the duals rise until the argmax's own cost meets each bound (and the expected cost's);
+    # argmax_only: the argmax's cost alone (the search ends near the budget instead of under it);
     # expected: the expected cost only (the argmax can end over budget)
     enforce: str = setting("argmax", OneOf(ENFORCE))
     tau_start: Real = setting(1.0, POSITIVE)  # Gumbel-Softmax temperature, annealed exponentially (restarted with each ramp step)

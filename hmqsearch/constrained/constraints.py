@@ -26,6 +26,7 @@ class Constraint:
     minimum: float  # cost with the lowest precision everywhere
     bound: float | None = None  # the bound the duals enforce now (a ramp step); None: the budget
     argmax: Callable[[], Tensor] | None = None  # the current argmax's cost, on the device
+    argmax_only: bool = False  # enforce the argmax's cost alone (with E[c]'s gradient)
 
     def violation(self) -> Tensor:
         """Normalised violation v = c / bound - 1 (positive when over the current bound).
@@ -33,11 +34,15 @@ class Constraint:
         c is the expected cost E[c], or, with ``argmax``, the larger of E[c] and the argmax's
         cost with E[c]'s gradient (straight through): the duals then keep rising until the
         argmax itself meets the bound, so the search ends with its own argmax within budget
-        rather than only its expectation.
+        rather than only its expectation. With ``argmax_only`` c is the argmax's cost alone (E[c]'s
+        gradient, straight through): once the argmax fits, the duals fall again although E[c],
+        which keeps mass on wider candidates, is still over the bound, so the search does not
+        overshoot below the budget.
         """
         cost = self.expected()
         if self.argmax is not None:
-            cost = cost + (torch.maximum(cost, self.argmax()) - cost).detach()
+            target = self.argmax() if self.argmax_only else torch.maximum(cost, self.argmax())
+            cost = cost + (target - cost).detach()
         return cost / (self.budget if self.bound is None else self.bound) - 1.0
 
     def satisfied(self) -> bool:
@@ -53,7 +58,7 @@ class Constraint:
             )
 
 
-ENFORCE = ("argmax", "expected")
+ENFORCE = ("argmax", "argmax_only", "expected")
 
 
 def check_enforce(what: str) -> None:
@@ -62,11 +67,13 @@ def check_enforce(what: str) -> None:
 
 
 def enforce_on(constraints: list[Constraint], qmodel: QuantModel, what: str) -> None:
-    """What the duals enforce: ``expected`` costs only, or also the ``argmax``'s cost."""
+    """What the duals enforce: ``expected`` costs only, also the ``argmax``'s cost, or the
+    argmax's cost alone (``argmax_only``)."""
     check_enforce(what)
     quantizers = [q for _, q in qmodel.quantizers()]
     for c in constraints:
-        c.argmax = functools.partial(_argmax_cost, c.expected, quantizers) if what == "argmax" else None
+        c.argmax = None if what == "expected" else functools.partial(_argmax_cost, c.expected, quantizers)
+        c.argmax_only = what == "argmax_only"
 
 
 def _argmax_cost(expected: Callable[[], Tensor], quantizers: list[HMQQuantizer]) -> Tensor:
