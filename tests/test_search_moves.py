@@ -84,7 +84,8 @@ def two_branch_problem():
     return prepare(net, spec, x[:8]), TensorDataset(x, y)
 
 
-def test_constrained_search_moves_from_an_infeasible_start_to_the_non_uniform_optimum():
+@pytest.mark.parametrize("enforce", ["argmax", "argmax_only"])
+def test_constrained_search_moves_from_an_infeasible_start_to_the_non_uniform_optimum(enforce):
     """Budget 4.5 bits a weight on average: only (8, 1) fits with an 8-bit layer. The start (8, 8)
     is infeasible; uniform 2 bits fits but hurts the important layer. The search must end with
     its own argmax at important 8, unimportant 1 (no repair), and the duals ending the violation."""
@@ -92,7 +93,7 @@ def test_constrained_search_moves_from_an_infeasible_start_to_the_non_uniform_op
     qmodel, data = two_branch_problem()
     constraints = build_constraints(qmodel, BudgetSpec(weight_compression=32 / 4.5), None)
     [c] = constraints
-    enforce_on(constraints, qmodel, "argmax")
+    enforce_on(constraints, qmodel, enforce)
     assert not c.satisfied()  # the 8-bit start breaks the budget
     qmodel.set_state("search")
     module = SearchModule(
@@ -152,3 +153,27 @@ def test_argmax_enforcement_sees_the_argmax_cost_with_the_expected_gradient():
     assert torch.allclose(g_expected[0], g_hard[0])
     with pytest.raises(UserError, match="search.enforce='sometimes'"):
         enforce_on([c], qmodel, "sometimes")
+
+
+def test_argmax_only_enforcement_releases_the_duals_once_the_argmax_fits():
+    """The argmax at 1 bit with much of the mass on 8 bits: E[c] is over the budget, the argmax
+    under it. ``argmax`` still reports a violation (the larger of the two); ``argmax_only`` reports
+    the argmax's slack, negative, so the duals fall; both keep E[c]'s gradient."""
+    qmodel, _ = two_branch_problem()
+    [c] = build_constraints(qmodel, BudgetSpec(weight_compression=12), None)
+    for _, q in qmodel.quantizers():
+        if q.logits.requires_grad:
+            with torch.no_grad():
+                q.logits.fill_(0.0)
+                q.logits[0].add_(2.0)  # 1 bit, every threshold
+                q.logits[-1].add_(1.5)  # 8 bits
+    logits = [q.logits for _, q in qmodel.quantizers() if q.logits.requires_grad][:1]
+    expected = c.violation()
+    assert expected.item() > 0 and c.satisfied()
+    enforce_on([c], qmodel, "argmax")
+    both = c.violation()
+    enforce_on([c], qmodel, "argmax_only")
+    alone = c.violation()
+    assert both.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert alone.item() == pytest.approx(c.exact() / c.budget - 1.0, rel=1e-6) and alone.item() < 0
+    assert torch.allclose(torch.autograd.grad(expected, logits)[0], torch.autograd.grad(alone, logits)[0])
