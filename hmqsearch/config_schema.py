@@ -89,6 +89,7 @@ class SearchConfig:
     lr: Real = setting(1.0e-3, POSITIVE)  # network weights during the search
     logit_lr: Real = setting(0.02, POSITIVE)  # HMQ logits: their own optimizer (logit_optimizer), constant rate
     dual_lr: Real = setting(0.1, NON_NEGATIVE)  # dual ascent step: lambda <- max(0, lambda + dual_lr * v)
+    dual_restart: bool = False  # a dual drops to 0 as soon as its budget holds (no wound-up dual pushing on)
     # argmax: the duals rise until the argmax's own cost meets each bound (and the expected cost's);
     # argmax_only: the argmax's cost alone (the search ends near the budget instead of under it);
     # expected: the expected cost only (the argmax can end over budget)

@@ -126,3 +126,12 @@ def test_checkpoint_round_trip_of_duals_and_temperature(tmp_path):
     assert torch.equal(fresh.duals.values, duals)
     assert all(torch.equal(q.tau, tau) for _, q in fresh_q.quantizers())
     assert all(torch.equal(a.logits, b.logits) for (_, a), (_, b) in zip(fresh_q.quantizers(), qmodel.quantizers()))
+
+
+def test_dual_restart_drops_a_dual_to_zero_once_its_constraint_holds():
+    plain, restarted = DualVariables(["a", "b"], lr=1.0), DualVariables(["a", "b"], lr=1.0, restart=True)
+    for duals in (plain, restarted):
+        duals.ascend(torch.tensor([2.0, 1.0]))
+        duals.ascend(torch.tensor([-0.5, 0.5]))
+    assert plain.values.tolist() == [1.5, 1.5]  # a wound-up dual unwinds at lr * v a step
+    assert restarted.values.tolist() == [0.0, 1.5]  # restarted the step its constraint holds

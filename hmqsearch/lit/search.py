@@ -48,10 +48,11 @@ class SearchModule(ClassifierModule):
         distiller: Distiller | None = None,
         logit_optimizer: OptimizerFactory = torch.optim.Adam,
         ramp: RampSpec = RampSpec(steps=0),
+        dual_restart: bool = False,
     ) -> None:
         super().__init__(model, num_classes, optimizer, lr, distiller)
         self.constraints = constraints
-        self.duals = DualVariables([c.name for c in constraints], dual_lr)
+        self.duals = DualVariables([c.name for c in constraints], dual_lr, restart=dual_restart)
         self.logit_lr = logit_lr
         self.logit_optimizer_factory = logit_optimizer
         self.logit_optimizer: torch.optim.Optimizer | None = None

@@ -73,6 +73,7 @@ def train_search(state: RunState) -> SearchModule:
         qmodel, state.num_classes, _optimizer(state, "search"), cfg.lr, cfg.logit_lr, state.constraints,
         cfg.dual_lr, cfg.tau_start, cfg.tau_end, ProximityConstraints(qmodel, prox) if prox.enabled else None,
         state.distiller("search"), logit_optimizer=instantiate(cfg.logit_optimizer), ramp=ramp_spec(state.cfg),
+        dual_restart=cfg.dual_restart,
     )
     fit(state, module, "search", None)
     qmodel.set_state("fixed")
