@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
 from hmqsearch.constrained.constraints import enforce_on
+from hmqsearch.constrained.last_feasible import LastFeasible
 from hmqsearch.constrained.ramp import RampSpec
 from hmqsearch.errors import UserError
 from hmqsearch.lit.search import SearchModule
@@ -177,3 +178,41 @@ def test_argmax_only_enforcement_releases_the_duals_once_the_argmax_fits():
     assert both.item() == pytest.approx(expected.item(), rel=1e-6)
     assert alone.item() == pytest.approx(c.exact() / c.budget - 1.0, rel=1e-6) and alone.item() < 0
     assert torch.allclose(torch.autograd.grad(expected, logits)[0], torch.autograd.grad(alone, logits)[0])
+
+
+def test_last_feasible_keeps_the_logits_of_the_last_feasible_step():
+    p = nn.Parameter(torch.tensor([1.0, 2.0]))
+    kept = LastFeasible([p])
+    assert not kept.restore()  # no feasible step yet: nothing to restore
+    with torch.no_grad():
+        p.copy_(torch.tensor([3.0, 4.0]))
+    kept.record(torch.tensor(True))
+    with torch.no_grad():
+        p.copy_(torch.tensor([5.0, 6.0]))
+    kept.record(torch.tensor(False))  # an infeasible step leaves the kept copy alone
+    assert kept.restore() and p.tolist() == [3.0, 4.0]
+    assert set(kept.state_dict()) == {"logits_0", "seen"}  # in every checkpoint
+
+
+def test_search_ending_on_its_last_feasible_argmax_needs_no_repair():
+    """The argmax-only duals with restarts oscillate around the budget; the search ends on the
+    last step of its final phase whose argmax met the budget."""
+    torch.manual_seed(0)
+    qmodel, data = two_branch_problem()
+    constraints = build_constraints(qmodel, BudgetSpec(weight_compression=32 / 4.5), None)
+    [c] = constraints
+    enforce_on(constraints, qmodel, "argmax_only")
+    qmodel.set_state("search")
+    module = SearchModule(
+        qmodel, 4, functools.partial(torch.optim.Adam), 0.0, 0.1, constraints, dual_lr=0.5, tau_start=1.0,
+        tau_end=0.2, logit_optimizer=functools.partial(torch.optim.Adam), ramp=RampSpec(steps=3, until=0.5),
+        dual_restart=True, end_feasible=True,
+    )
+    trainer = pl.Trainer(max_epochs=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    module.train()
+    trainer.fit(module, DataLoader(data, batch_size=64, shuffle=True))
+    assert module.restore_last_feasible()
+    assert c.satisfied()
+    layers = dict(qmodel.layers())
+    assert (layers["important"].wq.argmax().bits, layers["unimportant"].wq.argmax().bits) == (8, 1)

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from hmqsearch.constrained.constraints import Constraint
 from hmqsearch.constrained.dual import DualVariables
+from hmqsearch.constrained.last_feasible import LastFeasible
 from hmqsearch.constrained.proximity import ProximityConstraints
 from hmqsearch.constrained.ramp import RampSpec
 from hmqsearch.lit.classifier import ClassifierModule, OptimizerFactory
@@ -49,6 +50,7 @@ class SearchModule(ClassifierModule):
         logit_optimizer: OptimizerFactory = torch.optim.Adam,
         ramp: RampSpec = RampSpec(steps=0),
         dual_restart: bool = False,
+        end_feasible: bool = False,
     ) -> None:
         super().__init__(model, num_classes, optimizer, lr, distiller)
         self.constraints = constraints
@@ -64,6 +66,9 @@ class SearchModule(ClassifierModule):
         self._violations: Tensor | None = None
         self.proximity = proximity  # optional per-layer constraints, duals = layer sensitivity
         self.trace = SearchTrace(model)
+        # with end_feasible, the logits of the last step whose argmax met every budget in the
+        # final phase; the search ends on them (restore_last_feasible)
+        self.last_feasible = LastFeasible(model.logit_parameters()) if end_feasible else None
 
     def total_steps(self) -> int:
         return max(1, int(self.trainer.estimated_stepping_batches))
@@ -131,6 +136,18 @@ class SearchModule(ClassifierModule):
         if self.proximity is not None:
             self.log("dual/proximity_max", self.proximity.duals.values.max())
         self.trace.maybe_record(self.global_step, self.total_steps(), self.tau, [c.bound for c in self.constraints])
+        if self.last_feasible is not None and self.ramp.segment(self.progress(self.global_step)) == self.ramp.steps:
+            self.last_feasible.record(self._argmax_feasible())
+
+    def _argmax_feasible(self) -> Tensor:
+        """Whether the argmax meets every budget, as a tensor on the device (no wait for the GPU)."""
+        costs = [c.argmax() if c.argmax is not None else torch.tensor(c.exact()) for c in self.constraints]
+        return torch.stack([cost.to(self.device) <= c.budget for cost, c in zip(costs, self.constraints)]).all()
+
+    def restore_last_feasible(self) -> bool:
+        """End the search on the last argmax of its final phase that met every budget (with
+        ``end_feasible``); False where nothing was restored."""
+        return self.last_feasible is not None and self.last_feasible.restore()
 
     def on_train_epoch_end(self) -> None:
         if self.proximity is not None:

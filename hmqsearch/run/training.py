@@ -73,9 +73,11 @@ def train_search(state: RunState) -> SearchModule:
         qmodel, state.num_classes, _optimizer(state, "search"), cfg.lr, cfg.logit_lr, state.constraints,
         cfg.dual_lr, cfg.tau_start, cfg.tau_end, ProximityConstraints(qmodel, prox) if prox.enabled else None,
         state.distiller("search"), logit_optimizer=instantiate(cfg.logit_optimizer), ramp=ramp_spec(state.cfg),
-        dual_restart=cfg.dual_restart,
+        dual_restart=cfg.dual_restart, end_feasible=cfg.end_feasible,
     )
     fit(state, module, "search", None)
+    if module.restore_last_feasible():
+        log.info("search: ends on the last argmax of its final phase that met every budget")
     qmodel.set_state("fixed")
     return module
 
