@@ -142,6 +142,8 @@ def search(
     start: str = "highest",
     ramp: RampSpec = RampSpec(),
     enforce: str = "argmax",
+    dual_restart: bool = False,
+    end_feasible: bool = False,
     fill_budget: bool = True,
     bn_batches: int = 20,
     progress: bool = False,
@@ -164,9 +166,11 @@ def search(
     enforce_on(constraints, qmodel, enforce)
     module = SearchModule(
         qmodel, _num_classes(qmodel, example), torch.optim.Adam, lr, logit_lr=logit_lr, constraints=constraints,
-        dual_lr=dual_lr, tau_start=tau[0], tau_end=tau[1], ramp=ramp,
+        dual_lr=dual_lr, tau_start=tau[0], tau_end=tau[1], ramp=ramp, dual_restart=dual_restart,
+        end_feasible=end_feasible,
     )
     _fit(module, loader, epochs, progress, accelerator)
+    module.restore_last_feasible()
     qmodel.set_state("fixed")
     steps = repair(qmodel, constraints)
     filled = fill(qmodel, constraints) if fill_budget else []
