@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -18,7 +19,8 @@ from hmqsearch.data.digits import DigitsDataModule
 from hmqsearch.errors import UserError
 from hmqsearch.export.packed import load_packed
 from hmqsearch.lit.evaluate import evaluate
-from hmqsearch.methods import METHODS, PTQ, SPIQ, HMQSearch, Method, Precision, Prepared, UniformQAT
+from hmqsearch.export.precision import write_precision
+from hmqsearch.methods import METHODS, PTQ, SPIQ, Assigned, HMQSearch, Method, Precision, Prepared, UniformQAT
 from hmqsearch.models.small_cnn import SmallCNN
 from hmqsearch.quant.assignment import Assignment
 from hmqsearch.quant.prepare import QuantSpec, prepare
@@ -41,6 +43,7 @@ def test_each_method_declares_what_the_run_does_around_it():
     declared = {name: (m.searches, m.calibrates, m.trains) for name, m in METHODS.items()}
     assert declared == {
         "hmq": (True, True, True), "uniform": (False, True, True), "ptq": (False, True, False), "spiq": (False, False, False),
+        "assigned": (False, True, True),
     }
     assert all(issubclass(m, Method) for m in METHODS.values())
     assert [HMQSearch().label, UniformQAT("w4a8").label, PTQ().label, SPIQ("W4A4").label] == [
@@ -170,3 +173,56 @@ def test_a_spiq_run_loads_back_from_its_packed_checkpoint_and_its_run_directory(
     assert evaluate(packed, data.test_dataloader(), 10) == pytest.approx(summary["quant_top1"])
     finished = load_run(run_dir)
     assert evaluate(finished.qmodel, data.test_dataloader(), 10) == pytest.approx(summary["quant_top1"])
+
+
+def _widths(assignment: Assignment) -> dict[str, tuple[int | None, int | None]]:
+    return {name: tuple(None if x is None else x.bits for x in s) for name, s in assignment.items()}
+
+
+def test_assigned_trains_the_bit_widths_of_a_precision_file_at_this_runs_thresholds(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 8, 8)
+    source = prepare(SmallCNN(), QuantSpec(weight_bits=[2, 3, 4, 8], act_bits=[4, 8]), x)
+    for bits, (_, layer) in zip([8, 2, 3, 4, 8], source.layers()):
+        layer.wq.fix(layer.wq.scheme_at(bits))
+    path = write_precision(tmp_path / "precision.yaml", Assignment.of(source))
+    method = Assigned(path=str(path))
+    spec = method.quant_spec(QuantSpec())
+    assert (list(spec.weight_bits), list(spec.act_bits)) == ([2, 3, 4, 8], [8])  # the file's widths
+    qmodel = prepare(SmallCNN(), spec, x)
+    assignment = method.assign(Prepared(qmodel, qmodel.net))
+    assert _widths(assignment) == _widths(Assignment.of(source)) and assignment == Assignment.of(qmodel)
+    for _, layer in qmodel.layers():  # the threshold each width prefers here, not the file's
+        assert layer.wq.argmax() == layer.wq.scheme_at(layer.wq.argmax().bits)
+    assert method.label == f"assigned {path}"
+
+
+def test_assigned_refuses_a_file_that_does_not_fit_the_model(tmp_path):
+    x = torch.randn(8, 1, 8, 8)
+    with pytest.raises(UserError, match="method=assigned needs method.path"):
+        Assigned().widths()
+    with pytest.raises(UserError, match="does not exist"):
+        Assigned(path=str(tmp_path / "none.yaml")).widths()
+    source = prepare(SmallCNN(), QuantSpec(weight_bits=[4], act_bits=[8]), x)
+    layers = Assignment.of(source).to_dict()
+    layers.pop(next(iter(layers)))
+    path = write_precision(tmp_path / "short.yaml", Assignment.from_dict(layers))
+    method = Assigned(path=str(path))
+    with pytest.raises(UserError, match="does not match the model: layers missing from it"):
+        method.assign(Prepared(prepare(SmallCNN(), method.quant_spec(QuantSpec()), x), SmallCNN()))
+
+
+def test_assigned_from_train_py_fine_tunes_an_earlier_runs_allocation(sweep, tmp_path):
+    hmq_dir, _ = sweep["hmq"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *SHORT, "method=assigned", f"method.path={hmq_dir / 'precision.yaml'}",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["finished"] is True and summary["export"]["passed"] is True
+    assert (tmp_path / "run" / "checkpoints" / "finetune").is_dir()
+    read = lambda d: {n: (e["weight"]["bits"], e["input"]["bits"])  # noqa: E731
+                      for n, e in yaml.safe_load((d / "precision.yaml").read_text())["layers"].items()}
+    assert read(tmp_path / "run") == read(hmq_dir)

@@ -1,19 +1,21 @@
 """The methods of the run, behind one interface (:class:`Method`), selected with ``_target_``
-in ``conf/method/``: the HMQ search, uniform QAT, PTQ and the data-free SPIQ."""
+in ``conf/method/``: the HMQ search, uniform QAT, PTQ, the data-free SPIQ, and an earlier run's
+bit-widths trained again (``assigned``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from hmqsearch.errors import UserError
+from hmqsearch.methods.assigned import Assigned
 from hmqsearch.methods.base import Method, Precision, Prepared
 from hmqsearch.methods.fixed import PTQ, UniformQAT, assign_fixed
 from hmqsearch.methods.hmq import HMQSearch
 from hmqsearch.methods.spiq import SPIQ
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (HMQSearch, UniformQAT, PTQ, SPIQ)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (HMQSearch, UniformQAT, PTQ, SPIQ, Assigned)}
 
-__all__ = ["HMQSearch", "METHODS", "Method", "PTQ", "Precision", "Prepared", "SPIQ", "UniformQAT", "assign_fixed",
+__all__ = ["Assigned", "HMQSearch", "METHODS", "Method", "PTQ", "Precision", "Prepared", "SPIQ", "UniformQAT", "assign_fixed",
            "by_name"]
 
 

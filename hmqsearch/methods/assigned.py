@@ -1,0 +1,89 @@
+"""The bit-widths of an earlier run, trained again: ``method=assigned method.path=<precision.yaml>``.
+
+Fine-tunes another run's allocation from this run's starting weights, e.g. a searched
+allocation from the pretrained weights for as many epochs as the knapsack ablation gets, which
+separates what an allocation is worth from what the search's own weight training is worth
+(docs/benchmark.md). Only the bit-widths are taken: each threshold is the lowest-MSE power of
+two on this run's calibration, as for uniform QAT, since the file's thresholds were learned
+for the other run's weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+from hmqsearch.errors import UserError
+from hmqsearch.export.precision import read_precision
+from hmqsearch.methods.base import Method, Prepared
+from hmqsearch.quant.assignment import Assignment, LayerSchemes
+from hmqsearch.quant.hmq import HMQQuantizer
+from hmqsearch.quant.prepare import QuantSpec
+from hmqsearch.quant.scheme import Scheme
+
+Widths = dict[str, dict[str, int | None]]  # layer -> {"weight": bits, "input": bits}; None: float
+
+
+@dataclass(frozen=True)
+class Assigned(Method):
+    """Every layer at the weight and input bit-widths of the precision file ``path``."""
+
+    name: ClassVar[str] = "assigned"
+    trains: ClassVar[bool] = True
+
+    path: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.path}"
+
+    def widths(self) -> Widths:
+        """The file's bit-widths per layer (read again on each call: the file is small)."""
+        if not self.path:
+            raise UserError("method=assigned needs method.path=<a run's precision.yaml>")
+        layers = read_precision(self.path)["layers"]
+        return {name: {part: _bits(entry, part, f"{self.path}: {name}") for part in ("weight", "input")}
+                for name, entry in layers.items()}
+
+    def quant_spec(self, spec: QuantSpec) -> QuantSpec:
+        """The candidates are the file's bit-widths, so every layer's can be fixed."""
+        widths = self.widths().values()
+        weight = sorted({w["weight"] for w in widths if w["weight"] is not None})
+        act = sorted({w["input"] for w in widths if w["input"] is not None})
+        return replace(spec, weight_bits=weight or spec.weight_bits, act_bits=act or spec.act_bits, embedding_bits=None)
+
+    def assign(self, prepared: Prepared) -> Assignment:
+        widths = self.widths()
+        names = [name for name, _ in prepared.qmodel.layers()]
+        missing, extra = sorted(set(names) - set(widths)), sorted(set(widths) - set(names))
+        if missing or extra:
+            raise UserError(f"{self.path} does not match the model: layers missing from it {missing[:5]}, "
+                            f"layers unknown to the model {extra[:5]}")
+        assignment = Assignment({
+            name: LayerSchemes(_scheme(layer.wq, widths[name]["weight"], f"{self.path}: {name}.weight"),
+                               _scheme(layer.aq, widths[name]["input"], f"{self.path}: {name}.input"))
+            for name, layer in prepared.qmodel.layers()
+        })
+        assignment.apply(prepared.qmodel, self.path)
+        return assignment
+
+
+def _bits(entry: object, part: str, where: str) -> int | None:
+    scheme = entry.get(part) if isinstance(entry, dict) else None
+    bits = scheme.get("bits") if isinstance(scheme, dict) else None
+    if bits == "float":
+        return None
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise UserError(f"{where}.{part}: bits={bits!r}; allowed: 1..8 or float")
+    return bits
+
+
+def _scheme(q: HMQQuantizer, bits: int | None, where: str) -> Scheme | None:
+    """``bits`` at its lowest-MSE threshold; None where this run keeps the tensor in float."""
+    if q.float_pinned:
+        return None
+    if bits is None:
+        raise UserError(f"{where} is float in the file but quantized in this run; pin it with search.pins")
+    if bits not in q.candidate_bits:
+        raise UserError(f"{where}: {bits} bits is not a candidate here ({list(q.candidate_bits)}); a pin fixes it")
+    return q.scheme_at(bits)
