@@ -79,7 +79,9 @@ CONFIG_CASES = [
     ]),
     ("nan-bops-budget", ["budget.bops_compression=nan"], USER_ERROR, "budget.bops_compression=nan; allowed: a positive number, or null"),
     ("negative-ramp-steps", ["search.ramp.steps=-1"], USER_ERROR, "search.ramp.steps=-1; allowed: an integer >= 0"),
-    ("search-enforce", ["search.enforce=maybe"], USER_ERROR, "search.enforce='maybe'; allowed: argmax, expected"),
+    ("search-enforce", ["search.enforce=maybe"], USER_ERROR, "search.enforce='maybe'; allowed: argmax, argmax_only, expected"),
+    ("assigned-without-path", ["method=assigned"], USER_ERROR, "method=assigned needs method.path=<a run's precision.yaml>"),
+    ("assigned-missing-file", ["method=assigned", "method.path=none.yaml"], USER_ERROR, "precision file none.yaml does not exist"),
 ]
 
 
