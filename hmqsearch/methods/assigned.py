@@ -11,12 +11,13 @@ for the other run's weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import ClassVar
 
 from hmqsearch.errors import UserError
 from hmqsearch.export.precision import read_precision
 from hmqsearch.methods.base import Method, Prepared
-from hmqsearch.quant.assignment import Assignment, LayerSchemes
+from hmqsearch.quant.assignment import Assignment, LayerSchemes, check_same_layers
 from hmqsearch.quant.hmq import HMQQuantizer
 from hmqsearch.quant.prepare import QuantSpec
 from hmqsearch.quant.scheme import Scheme
@@ -38,12 +39,22 @@ class Assigned(Method):
         return f"{self.name} {self.path}"
 
     def widths(self) -> Widths:
-        """The file's bit-widths per layer (read again on each call: the file is small)."""
+        """The file's bit-widths per layer."""
+        return self._widths
+
+    @cached_property
+    def _widths(self) -> Widths:
+        """Read once: the spec and the assignment both need it (a frozen dataclass's
+        ``cached_property`` writes the instance dict, not a field)."""
         if not self.path:
             raise UserError("method=assigned needs method.path=<a run's precision.yaml>")
-        layers = read_precision(self.path)["layers"]
-        return {name: {part: _bits(entry, part, f"{self.path}: {name}") for part in ("weight", "input")}
-                for name, entry in layers.items()}
+        file = Assignment.from_dict(read_precision(self.path)["layers"], self.path)
+        widths = {name: {"weight": _bits(s.weight), "input": _bits(s.input)} for name, s in file.items()}
+        for name, parts in widths.items():
+            for part, bits in parts.items():
+                if bits is not None and not 1 <= bits <= 8:
+                    raise UserError(f"{self.path}: {name}.{part}: bits={bits}; allowed: 1..8 or float")
+        return widths
 
     def quant_spec(self, spec: QuantSpec) -> QuantSpec:
         """The candidates are the file's bit-widths, so every layer's can be fixed."""
@@ -54,11 +65,7 @@ class Assigned(Method):
 
     def assign(self, prepared: Prepared) -> Assignment:
         widths = self.widths()
-        names = [name for name, _ in prepared.qmodel.layers()]
-        missing, extra = sorted(set(names) - set(widths)), sorted(set(widths) - set(names))
-        if missing or extra:
-            raise UserError(f"{self.path} does not match the model: layers missing from it {missing[:5]}, "
-                            f"layers unknown to the model {extra[:5]}")
+        check_same_layers(prepared.qmodel, widths, self.path)
         assignment = Assignment({
             name: LayerSchemes(_scheme(layer.wq, widths[name]["weight"], f"{self.path}: {name}.weight"),
                                _scheme(layer.aq, widths[name]["input"], f"{self.path}: {name}.input"))
@@ -68,14 +75,8 @@ class Assigned(Method):
         return assignment
 
 
-def _bits(entry: object, part: str, where: str) -> int | None:
-    scheme = entry.get(part) if isinstance(entry, dict) else None
-    bits = scheme.get("bits") if isinstance(scheme, dict) else None
-    if bits == "float":
-        return None
-    if not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise UserError(f"{where}.{part}: bits={bits!r}; allowed: 1..8 or float")
-    return bits
+def _bits(scheme: Scheme | None) -> int | None:
+    return None if scheme is None else scheme.bits
 
 
 def _scheme(q: HMQQuantizer, bits: int | None, where: str) -> Scheme | None:

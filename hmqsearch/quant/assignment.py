@@ -7,7 +7,7 @@ and the packed checkpoint's metadata store :meth:`Assignment.to_dict`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -54,13 +54,7 @@ class Assignment(Mapping[str, LayerSchemes]):
     def apply(self, qmodel: QuantModel, source: str = "the assignment") -> None:
         """Make this the argmax assignment of ``qmodel`` (layer names must match exactly);
         ``source`` names it in the messages of a mismatch."""
-        names = [n for n, _ in qmodel.layers()]
-        missing, extra = sorted(set(names) - set(self)), sorted(set(self) - set(names))
-        if missing or extra:
-            raise UserError(
-                f"{source} does not match the model: layers missing from it {missing[:5]}, "
-                f"layers unknown to the model {extra[:5]}"
-            )
+        check_same_layers(qmodel, self, source)
         for name, layer in qmodel.layers():
             _fix(layer.wq, self[name].weight, f"{source}: {name}.weight")
             _fix(layer.aq, self[name].input, f"{source}: {name}.input")
@@ -78,6 +72,17 @@ class Assignment(Mapping[str, LayerSchemes]):
             name: LayerSchemes(*(_parse(entry, part, f"{source}: {name}.{part}") for part in ("weight", "input")))
             for name, entry in layers.items()
         })
+
+
+def check_same_layers(qmodel: QuantModel, layers: Iterable[str], source: str) -> None:
+    """A :class:`UserError` naming ``source`` unless ``layers`` are exactly ``qmodel``'s layer names."""
+    names, given = {n for n, _ in qmodel.layers()}, set(layers)
+    missing, extra = sorted(names - given), sorted(given - names)
+    if missing or extra:
+        raise UserError(
+            f"{source} does not match the model: layers missing from it {missing[:5]}, "
+            f"layers unknown to the model {extra[:5]}"
+        )
 
 
 def _entry(scheme: Scheme | None) -> dict[str, Any]:
