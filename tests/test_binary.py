@@ -68,7 +68,7 @@ def test_relaxed_forward_with_all_mass_on_one_bit_is_the_binary_quantizer():
     assert torch.allclose(relaxed, q(w), atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["expected", "mixture", "hard"])
+@pytest.mark.parametrize("mode", ["expected", "mixture", "hard", "argmax"])
 def test_relaxed_forward_sends_gradients_to_weights_and_logits(mode):
     q = binary_quantizer()
     q.state, q.mode = "search", mode

@@ -54,7 +54,7 @@ CONFIG_CASES = [
     ("n-thresholds-zero", ["search.n_thresholds=0"], USER_ERROR, "search.n_thresholds=0; allowed: an integer >= 1"),
     ("infeasible-budget", ["budget.weight_compression=100"], USER_ERROR, "weight_bytes budget 294.16 bytes (packed, whole model) cannot be met"),
     ("missing-pretrained", ["model.pretrained=/nonexistent/weights.th"], USER_ERROR, "pretrained weights /nonexistent/weights.th not found"),
-    ("search-mode", ["search.mode=soft"], USER_ERROR, "search.mode='soft'; allowed: expected, mixture, hard"),
+    ("search-mode", ["search.mode=soft"], USER_ERROR, "search.mode='soft'; allowed: expected, mixture, hard, argmax"),
     ("logger-kind", ["logger.kind=tensorboard"], USER_ERROR, "logger.kind='tensorboard'; allowed: wandb, csv, none"),
     ("latency-model", ["cost.latency=magic"], USER_ERROR, "cost.latency='magic'; allowed: analytic, measured, none"),
     ("infeasible-latency", ["budget.latency_ms=0.0000001"], USER_ERROR, "latency_ms budget 1e-07 ms"),

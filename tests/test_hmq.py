@@ -62,7 +62,7 @@ def test_expected_forward_matches_single_candidate_at_low_temperature():
     assert torch.allclose(q(x), fake_quant_pot(x, torch.tensor(8.0 / 128), 8, True), atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["expected", "mixture", "hard"])
+@pytest.mark.parametrize("mode", ["expected", "mixture", "hard", "argmax"])
 def test_search_forward_sends_gradient_to_logits(mode):
     torch.manual_seed(0)
     q = make(mode=mode)
@@ -72,6 +72,27 @@ def test_search_forward_sends_gradient_to_logits(mode):
     loss = (q(x) - x).pow(2).mean()
     loss.backward()
     assert q.logits.grad is not None and q.logits.grad.abs().sum() > 0
+
+
+def test_argmax_mode_trains_at_the_argmax_whatever_the_noise():
+    """mode=argmax: at a high temperature the Gumbel samples differ from step to step, yet the
+    forward is always the argmax candidate's, and the logits still get the soft sample's gradient."""
+    q = make(mode="argmax")
+    with torch.no_grad():
+        q.logits.fill_(0.0)
+        q.logits[1, 2] = 0.5  # 4 bits, t = 2: the argmax by a small margin
+    q.state = "search"
+    q.train()
+    q.tau.fill_(5.0)
+    x = torch.randn(500) * 2
+    expected = fake_quant_pot(x, torch.tensor(2.0 / 8), 4, True)
+    torch.manual_seed(0)
+    for _ in range(20):
+        q.logits.grad = None
+        out = q(x)
+        assert torch.allclose(out, expected, atol=1e-6)
+        (out - x).pow(2).mean().backward()
+        assert q.logits.grad.abs().sum() > 0
 
 
 def test_mixture_is_weighted_sum_of_candidates():

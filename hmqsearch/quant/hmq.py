@@ -34,9 +34,9 @@ from hmqsearch.quant.autocast import float32_under_autocast
 from hmqsearch.quant.functional import binary_quant
 from hmqsearch.quant.scheme import Scheme
 
-Mode = Literal["expected", "mixture", "hard"]
+Mode = Literal["expected", "mixture", "hard", "argmax"]
 State = Literal["float", "search", "fixed"]
-MODES: tuple[str, ...] = ("expected", "mixture", "hard")
+MODES: tuple[str, ...] = ("expected", "mixture", "hard", "argmax")
 ROW_PRIOR = 4.0  # nats of prior on each bit-width's preferred threshold
 
 
@@ -216,17 +216,21 @@ class HMQQuantizer(nn.Module):
         return (self.bit_probs() * self.bits).sum()
 
     def sample(self) -> Tensor:
-        """Gumbel-Softmax weights over the candidates (hard one-hot forward in ``hard`` mode).
+        """Gumbel-Softmax weights over the candidates.
 
+        ``hard``: the forward uses the one-hot of the sample; ``argmax``: the one-hot of the
+        logits' argmax, without noise, so the weights train at the assignment the search would
+        end on.  Both pass the soft sample's gradient to the logits (straight through).
         ``torch.nn.functional.gumbel_softmax`` with the temperature kept a tensor: reading it
         on the host would wait for the GPU in every forward.
         """
         logits = self.logits.reshape(-1)
         gumbels = -torch.empty_like(logits).exponential_().log()
         soft = ((logits + gumbels) / self.tau).softmax(0)
-        if self.mode != "hard":
+        if self.mode not in ("hard", "argmax"):
             return soft
-        hard = torch.zeros_like(soft).scatter_(0, soft.argmax(0, keepdim=True), 1.0)
+        chosen = soft.argmax(0, keepdim=True) if self.mode == "hard" else logits.detach().argmax(0, keepdim=True)
+        hard = torch.zeros_like(soft).scatter_(0, chosen, 1.0)
         return hard - soft.detach() + soft
 
     def chosen_index(self) -> tuple[int, int]:
