@@ -69,6 +69,8 @@ class SearchConfig:
     embedding_bits: Optional[list[int]] = None  # candidate nn.Embedding table bit-widths (1..8); null: weight_bits
     n_thresholds: int = setting(8, AT_LEAST_ONE)  # power-of-two thresholds per bit-width: 2^(M+1) .. 2^(M+2-n)
     weight_per_channel: bool = True  # per-output-channel weight thresholds
+    # the relaxed forward: expected step (default), mixture of candidates, hard (one-hot Gumbel sample)
+    # or argmax (one-hot of the logits, no noise); hard and argmax pass the soft sample's gradient
     mode: str = setting("expected", OneOf(MODES))
     first_layer_act_bits: Optional[Union[int, str]] = 8  # pin the network input (int, 'float', or null to search it)
     pins: list[Any] = setting([])  # e.g. [{pattern: "linear", weight_bits: 8, act_bits: 8}]
