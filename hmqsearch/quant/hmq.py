@@ -227,9 +227,12 @@ class HMQQuantizer(nn.Module):
         logits = self.logits.reshape(-1)
         gumbels = -torch.empty_like(logits).exponential_().log()
         soft = ((logits + gumbels) / self.tau).softmax(0)
-        if self.mode not in ("hard", "argmax"):
+        if self.mode == "hard":
+            chosen = soft.argmax(0, keepdim=True)
+        elif self.mode == "argmax":
+            chosen = self._chosen_row()
+        else:
             return soft
-        chosen = soft.argmax(0, keepdim=True) if self.mode == "hard" else logits.detach().argmax(0, keepdim=True)
         hard = torch.zeros_like(soft).scatter_(0, chosen, 1.0)
         return hard - soft.detach() + soft
 
