@@ -92,6 +92,9 @@ class SearchConfig:
     logit_lr: Real = setting(0.02, POSITIVE)  # HMQ logits: their own optimizer (logit_optimizer), constant rate
     dual_lr: Real = setting(0.1, NON_NEGATIVE)  # dual ascent step: lambda <- max(0, lambda + dual_lr * v)
     dual_restart: bool = False  # a dual drops to 0 as soon as its budget holds (no wound-up dual pushing on)
+    # after repair and fill, fine-tune the searched bit-widths from the weights the search started
+    # from (thresholds re-chosen as for method=assigned), not from the search's own weights
+    restart_weights: bool = False
     end_feasible: bool = False  # end on the last argmax of the final phase that met every budget (not the last step's)
     # argmax: the duals rise until the argmax's own cost meets each bound (and the expected cost's);
     # argmax_only: the argmax's cost alone (the search ends near the budget instead of under it);

@@ -19,7 +19,7 @@ from hmqsearch.export.precision import read_precision
 from hmqsearch.methods.base import Method, Prepared
 from hmqsearch.quant.assignment import Assignment, LayerSchemes, check_same_layers
 from hmqsearch.quant.hmq import HMQQuantizer
-from hmqsearch.quant.prepare import QuantSpec
+from hmqsearch.quant.prepare import QuantModel, QuantSpec
 from hmqsearch.quant.scheme import Scheme
 
 Widths = dict[str, dict[str, int | None]]  # layer -> {"weight": bits, "input": bits}; None: float
@@ -48,8 +48,7 @@ class Assigned(Method):
         ``cached_property`` writes the instance dict, not a field)."""
         if not self.path:
             raise UserError("method=assigned needs method.path=<a run's precision.yaml>")
-        file = Assignment.from_dict(read_precision(self.path)["layers"], self.path)
-        widths = {name: {"weight": _bits(s.weight), "input": _bits(s.input)} for name, s in file.items()}
+        widths = widths_of(Assignment.from_dict(read_precision(self.path)["layers"], self.path))
         for name, parts in widths.items():
             for part, bits in parts.items():
                 if bits is not None and not 1 <= bits <= 8:
@@ -64,15 +63,25 @@ class Assigned(Method):
         return replace(spec, weight_bits=weight or spec.weight_bits, act_bits=act or spec.act_bits, embedding_bits=None)
 
     def assign(self, prepared: Prepared) -> Assignment:
-        widths = self.widths()
-        check_same_layers(prepared.qmodel, widths, self.path)
-        assignment = Assignment({
-            name: LayerSchemes(_scheme(layer.wq, widths[name]["weight"], f"{self.path}: {name}.weight"),
-                               _scheme(layer.aq, widths[name]["input"], f"{self.path}: {name}.input"))
-            for name, layer in prepared.qmodel.layers()
-        })
-        assignment.apply(prepared.qmodel, self.path)
-        return assignment
+        return assign_widths(prepared.qmodel, self.widths(), self.path)
+
+
+def widths_of(assignment: Assignment) -> Widths:
+    """``assignment``'s bit-widths per layer (its thresholds dropped)."""
+    return {name: {"weight": _bits(s.weight), "input": _bits(s.input)} for name, s in assignment.items()}
+
+
+def assign_widths(qmodel: QuantModel, widths: Widths, source: str) -> Assignment:
+    """Fix every layer of ``qmodel`` at ``widths``, each threshold the lowest-MSE power of two
+    on ``qmodel``'s calibration; errors name ``source``."""
+    check_same_layers(qmodel, widths, source)
+    assignment = Assignment({
+        name: LayerSchemes(_scheme(layer.wq, widths[name]["weight"], f"{source}: {name}.weight"),
+                           _scheme(layer.aq, widths[name]["input"], f"{source}: {name}.input"))
+        for name, layer in qmodel.layers()
+    })
+    assignment.apply(qmodel, source)
+    return assignment
 
 
 def _bits(scheme: Scheme | None) -> int | None:

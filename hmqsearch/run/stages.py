@@ -43,6 +43,7 @@ from hmqsearch.lit.evaluate import evaluate
 from hmqsearch.lit.trainer import run_loggers
 from hmqsearch.lr_scaling import scale_learning_rates
 from hmqsearch.methods import Prepared
+from hmqsearch.methods.assigned import assign_widths, widths_of
 from hmqsearch.models.fit import describe_misfit
 from hmqsearch.models.pretrained import load_pretrained
 from hmqsearch.quant.assignment import Assignment
@@ -182,18 +183,21 @@ def evaluate_float(state: RunState) -> None:
 
 def calibrate(state: RunState) -> None:
     """Prepare the quantized model, calibrate its input ranges, build the budgets' constraints."""
-    calibration = state.cfg.search.calibration
     with state.timed("calibrate_s"):
-        state.qmodel = prepare(state.net, state.spec, state.example)
-        state.ranges = {}
-        if state.method.calibrates:
-            with on_device(state.qmodel, state.device):
-                state.ranges = calibrate_activations(
-                    state.qmodel, state.calib, calibration.method, calibration.percentile
-                )
+        _prepare_calibrated(state)
         state.latency_table = latency_table(state.qmodel, state.cfg)
         if state.method.searches:
             state.constraints = build_constraints(state.qmodel, state.budgets, state.latency_table)
+
+
+def _prepare_calibrated(state: RunState) -> None:
+    """A quantized copy of the float model as ``state.qmodel``, its input ranges calibrated."""
+    calibration = state.cfg.search.calibration
+    state.qmodel = prepare(state.net, state.spec, state.example)
+    state.ranges = {}
+    if state.method.calibrates:
+        with on_device(state.qmodel, state.device):
+            state.ranges = calibrate_activations(state.qmodel, state.calib, calibration.method, calibration.percentile)
 
 
 def assign(state: RunState) -> None:
@@ -212,7 +216,10 @@ def assign(state: RunState) -> None:
     if is_rank_zero():
         trace = state.search.module.trace
         write_search_trace(trace.start, trace.history, trace.argmax_bits(), state.run_dir, state.model_title)
-    reestimate_batch_norms(state)
+    if state.cfg.search.restart_weights:
+        restart_weights(state)
+    else:
+        reestimate_batch_norms(state)
 
 
 def _input_normalisation(datamodule: Any) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
@@ -277,6 +284,19 @@ def reestimate_batch_norms(state: RunState) -> None:
         state.search.bn_batches = reestimate_batch_norm(
             state.qmodel, state.datamodule.train_dataloader(), state.cfg.search.bn_batches
         )
+
+
+def restart_weights(state: RunState) -> None:
+    """The searched bit-widths on a new copy of the weights the search started from
+    (``search.restart_weights``), each threshold re-chosen on the calibration as for
+    ``method=assigned``: the fine-tune then trains every epoch at the final assignment instead of
+    continuing from weights trained under the relaxed, moving one."""
+    widths = widths_of(Assignment.of(state.qmodel))
+    _prepare_calibrated(state)
+    state.constraints = build_constraints(state.qmodel, state.budgets, state.latency_table)
+    assign_widths(state.qmodel, widths, "the search's assignment")
+    state.qmodel.set_state("fixed")
+    log.info("fine-tuning the searched bit-widths from the search's starting weights (search.restart_weights)")
 
 
 def finetune(state: RunState) -> None:
