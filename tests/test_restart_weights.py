@@ -23,9 +23,9 @@ def _compose(*overrides: str):
         return compose("train", overrides=list(overrides))
 
 
-def test_restart_keeps_the_searched_widths_on_the_starting_weights(tmp_path):
-    cfg = _compose("pretrain.epochs=4", "search.epochs=1", "logger=none", "callbacks.progress_bar=false",
-                   "search.restart_weights=true")
+def test_restart_keeps_the_searched_widths_on_the_starting_weights_and_trains_them(tmp_path):
+    cfg = _compose("pretrain.epochs=4", "search.epochs=1", "finetune.epochs=1", "logger=none",
+                   "callbacks.progress_bar=false", "search.restart_weights=true", "distill.enabled=true")
     state = stages.validate(cfg, tmp_path)
     stages.build(state)
     stages.pretrain(state)
@@ -49,3 +49,7 @@ def test_restart_keeps_the_searched_widths_on_the_starting_weights(tmp_path):
     assert all(c.satisfied() for c in state.constraints)
     assert sum(c.exact() for c in state.constraints) > 0
     assert {q.state for _, q in state.qmodel.quantizers() if not q.float_pinned} == {"fixed"}
+    # the fine-tune trains the new copy (the float model it came from is the frozen teacher)
+    stages.finetune(state)
+    assert all(not torch.equal(layer.weight, first.weight) for (_, layer), (_, first) in zip(state.qmodel.layers(), start.layers()))
+    assert widths_of(Assignment.of(state.qmodel)) == widths_of(Assignment.of(searched))

@@ -293,6 +293,7 @@ def restart_weights(state: RunState) -> None:
     continuing from weights trained under the relaxed, moving one."""
     widths = widths_of(Assignment.of(state.qmodel))
     _prepare_calibrated(state)
+    state.qmodel.requires_grad_(True)  # the float model, as the distillation's teacher, was frozen
     state.constraints = build_constraints(state.qmodel, state.budgets, state.latency_table)
     assign_widths(state.qmodel, widths, "the search's assignment")
     state.qmodel.set_state("fixed")
