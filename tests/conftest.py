@@ -9,6 +9,17 @@ import pytest
 import hmqsearch.config_schema  # noqa: F401 - registers the schema that every composition of conf/ builds on
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_train(*overrides: str):
+    """conf/train.yaml composed with ``overrides``, as train.py would (without running it)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
 
 
 @pytest.fixture
@@ -42,8 +53,6 @@ def write_calibrated_run(run_dir: Path, overrides: list[str]) -> Path:
     ``overrides``, calibrated, at the initial argmax assignment (precision.yaml with its config,
     quantized_state.pt)."""
     import torch
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -53,9 +62,7 @@ def write_calibrated_run(run_dir: Path, overrides: list[str]) -> Path:
     from hmqsearch.quant.prepare import prepare
     from hmqsearch.run.config import quant_spec
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["logger=none", *overrides])
+    cfg = compose_train("logger=none", *overrides)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     calib = datamodule.calibration_batches(2)

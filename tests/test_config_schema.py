@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 
+from conftest import CONF, compose_train
 from hmqsearch.settings import Each, Number, OneOf
 from hmqsearch.config_keys import check_overrides, legacy_overrides
 from hmqsearch.config_schema import RULES, check_config
@@ -17,14 +15,6 @@ from hmqsearch.errors import UserError
 from hmqsearch.lit.checkpointing import CheckpointOnSigterm, RngState
 from hmqsearch.lit.guards import NonFiniteGuard
 from hmqsearch.lit.trainer import CSVLoggers, RunLoggers, WandbLoggers, run_loggers, stage_callbacks
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def _compose(*overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def _refused(rule) -> object:
@@ -38,7 +28,7 @@ def _refused(rule) -> object:
 
 
 def test_every_checked_setting_is_refused_with_its_key_and_what_is_allowed():
-    cfg = _compose()
+    cfg = compose_train()
     check_config(cfg)  # the defaults pass
     for key, rule in RULES.items():
         node = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
@@ -52,7 +42,7 @@ def test_group_defaults_live_in_the_schema_only():
     """The default options of the typed groups hold no values: the schema has them."""
     for group in ("search", "budget", "export"):
         assert not OmegaConf.load(CONF / group / "default.yaml"), group
-    cfg = _compose()
+    cfg = compose_train()
     assert cfg.search.epochs == 20 and cfg.budget.weight_compression == 8 and cfg.export.form == "onnxruntime"
     assert isinstance(cfg.budget.weight_compression, int)  # numbers stay as written (8, not 8.0)
 
@@ -79,7 +69,7 @@ def test_logger_kind_reads_as_the_logger_group():
 
 @pytest.mark.parametrize("logger,cls", [("csv", CSVLoggers), ("none", RunLoggers), ("wandb", WandbLoggers)])
 def test_loggers_are_built_from_their_target(tmp_path, logger, cls):
-    loggers = run_loggers(_compose(f"logger={logger}").logger, tmp_path, {})
+    loggers = run_loggers(compose_train(f"logger={logger}").logger, tmp_path, {})
     assert type(loggers) is cls
     if cls is WandbLoggers:
         assert loggers.offline and loggers.project == "hmqsearch"
@@ -88,7 +78,7 @@ def test_loggers_are_built_from_their_target(tmp_path, logger, cls):
 
 
 def test_callbacks_of_a_stage(tmp_path):
-    cfg = _compose()
+    cfg = compose_train()
     callbacks = stage_callbacks(cfg.callbacks, "finetune", tmp_path, "val/acc")
     kinds = [type(c) for c in callbacks]
     assert kinds == [ModelCheckpoint, RngState, CheckpointOnSigterm, NonFiniteGuard, ModelCheckpoint, RichProgressBar]
@@ -96,7 +86,7 @@ def test_callbacks_of_a_stage(tmp_path):
     assert best.dirpath == str(tmp_path) and best.monitor == "val/acc" and best.filename == "best"
     assert step._every_n_train_steps == 100 and callbacks[3].stage == "finetune"
 
-    quiet = _compose("callbacks.progress_bar=false", "callbacks.checkpoint_every_n_steps=0")
+    quiet = compose_train("callbacks.progress_bar=false", "callbacks.checkpoint_every_n_steps=0")
     callbacks = stage_callbacks(quiet.callbacks, "search", tmp_path, None)
     assert [type(c) for c in callbacks] == [ModelCheckpoint, RngState, CheckpointOnSigterm, NonFiniteGuard]
     assert callbacks[0].monitor is None and callbacks[0].filename == "epoch{epoch}"

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from conftest import compose_train
 from hmqsearch.data.digits import DigitsDataModule
 from hmqsearch.errors import UserError
 from hmqsearch.export.packed import load_packed
@@ -31,12 +30,6 @@ from hmqsearch.run.load import load_run
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ("hmq", "uniform", "ptq", "spiq")
 SHORT = ["pretrain.epochs=8", "search.epochs=1", "finetune.epochs=1", "logger=csv", "callbacks.progress_bar=false"]
-
-
-def _compose(*overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def test_each_method_declares_what_the_run_does_around_it():
@@ -61,7 +54,7 @@ def test_each_method_declares_what_the_run_does_around_it():
     (["method=spiq", "method.k=4", "method.power_of_two=true"], SPIQ("W8A8", k=4.0, power_of_two=True)),
 ])
 def test_conf_method_selects_the_class_with_target(overrides, expected):
-    assert run_method(_compose(*overrides)) == expected
+    assert run_method(compose_train(*overrides)) == expected
 
 
 def test_a_config_written_before_target_names_the_method():
@@ -72,7 +65,7 @@ def test_a_config_written_before_target_names_the_method():
 
 def test_bad_method_options_give_one_clear_message():
     for make, fragment in (
-        (lambda: run_method(_compose("method=spiq", "method.precision=W0A8")), "method.precision='W0A8'; expected WxAy"),
+        (lambda: run_method(compose_train("method=spiq", "method.precision=W0A8")), "method.precision='W0A8'; expected WxAy"),
         (lambda: SPIQ(k=0), "method.k=0; allowed: a number > 0"),
         (lambda: SPIQ(power_of_two="yes"), "method.power_of_two='yes'; allowed: true, false"),
     ):

@@ -3,29 +3,18 @@ started from, on the digits default with short epochs."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
+from conftest import compose_train
 from hmqsearch.methods.assigned import widths_of
 from hmqsearch.quant.assignment import Assignment
 from hmqsearch.quant.prepare import prepare
 from hmqsearch.run import stages
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _compose(*overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
 
 def test_restart_keeps_the_searched_widths_on_the_starting_weights_and_trains_them(tmp_path):
-    cfg = _compose("pretrain.epochs=4", "search.epochs=1", "finetune.epochs=1", "logger=none",
-                   "callbacks.progress_bar=false", "search.restart_weights=true", "distill.enabled=true")
+    cfg = compose_train("pretrain.epochs=4", "search.epochs=1", "finetune.epochs=1", "logger=none",
+                        "callbacks.progress_bar=false", "search.restart_weights=true", "distill.enabled=true")
     state = stages.validate(cfg, tmp_path)
     stages.build(state)
     stages.pretrain(state)

@@ -191,9 +191,10 @@ def calibrate(state: RunState) -> None:
 
 
 def _prepare_calibrated(state: RunState) -> None:
-    """A quantized copy of the float model as ``state.qmodel``, its input ranges calibrated."""
+    """A trainable quantized copy of the float model as ``state.qmodel``, its input ranges calibrated."""
     calibration = state.cfg.search.calibration
     state.qmodel = prepare(state.net, state.spec, state.example)
+    state.qmodel.requires_grad_(True)  # the copy trains, also once the float model is the frozen distillation teacher
     state.ranges = {}
     if state.method.calibrates:
         with on_device(state.qmodel, state.device):
@@ -293,7 +294,6 @@ def restart_weights(state: RunState) -> None:
     continuing from weights trained under the relaxed, moving one."""
     widths = widths_of(Assignment.of(state.qmodel))
     _prepare_calibrated(state)
-    state.qmodel.requires_grad_(True)  # the float model, as the distillation's teacher, was frozen
     state.constraints = build_constraints(state.qmodel, state.budgets, state.latency_table)
     assign_widths(state.qmodel, widths, "the search's assignment")
     state.qmodel.set_state("fixed")
