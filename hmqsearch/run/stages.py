@@ -2,8 +2,8 @@
 
 validate -> build -> pretrain -> evaluate_float -> calibrate -> assign (the method's own
 assignment, or for a method that searches start_search -> search -> repair_assignment ->
-fill_assignment -> reestimate_batch_norms) -> finetune -> account -> summary ->
-write_artifacts -> export -> the final table.
+fill_assignment -> [rethreshold] -> reestimate_batch_norms, or restart_weights) -> finetune ->
+account -> summary -> write_artifacts -> export -> the final table.
 
 The method (:mod:`hmqsearch.methods`) declares what the stages do around it: whether it
 searches under the budgets, calibrates on training images, trains after the assignment.
