@@ -95,9 +95,6 @@ class SearchConfig:
     # after repair and fill, fine-tune the searched bit-widths from the weights the search started
     # from (thresholds re-chosen as for method=assigned), not from the search's own weights
     restart_weights: bool = False
-    # after repair and fill, every threshold re-chosen at the searched bit-widths (lowest MSE, as at
-    # the start) on the search's own weights and inputs: the search's own threshold choices drift
-    rethreshold: bool = False
     end_feasible: bool = False  # end on the last argmax of the final phase that met every budget (not the last step's)
     # argmax: the duals rise until the argmax's own cost meets each bound (and the expected cost's);
     # argmax_only: the argmax's cost alone (the search ends near the budget instead of under it);

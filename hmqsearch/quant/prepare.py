@@ -340,7 +340,8 @@ def prepare(model: nn.Module, spec: QuantSpec, example_input: Inputs) -> QuantMo
         wq = _make_quantizer(wpin, wbits, spec, channels=channels, axis=axis)
         aq = _make_quantizer("float" if is_embedding else apin, spec.act_bits, spec, channels=1, axis=None)
         qlayer = _QUANT_TYPES[_base_type(layer)].from_float(layer, wq, aq)
-        init_weight_grid(qlayer, spec.weight_per_channel)
+        qlayer.wq.set_range(_weight_range(qlayer.weight, spec.weight_per_channel))
+        qlayer.wq.init_from_data(qlayer.weight.detach())
         _replace_module(net, layer, qlayer)
         names.append(name)
     qmodel = QuantModel(net, names, folded, reasons, parameter_bytes(model)).eval()
@@ -359,13 +360,6 @@ def _log_float_parameters(qmodel: QuantModel) -> None:
         count[t.reason] += 1
     for reason, numel in by_reason.most_common():
         log.info("float parameters: %d tensor(s), %d values: %s", count[reason], numel, reason)
-
-
-def init_weight_grid(layer: QuantLayer, per_channel: bool) -> None:
-    """Centre ``layer``'s weight threshold grid on its weights' range, each bit-width's
-    lowest-MSE threshold on them preferred (the logits restart at the highest bit-width)."""
-    layer.wq.set_range(_weight_range(layer.weight, per_channel))
-    layer.wq.init_from_data(layer.weight.detach())
 
 
 def _weight_range(w: Tensor, per_channel: bool) -> Tensor:

@@ -2,8 +2,8 @@
 
 validate -> build -> pretrain -> evaluate_float -> calibrate -> assign (the method's own
 assignment, or for a method that searches start_search -> search -> repair_assignment ->
-fill_assignment -> [rethreshold] -> reestimate_batch_norms, or restart_weights) -> finetune ->
-account -> summary -> write_artifacts -> export -> the final table.
+fill_assignment -> reestimate_batch_norms, or restart_weights) -> finetune -> account ->
+summary -> write_artifacts -> export -> the final table.
 
 The method (:mod:`hmqsearch.methods`) declares what the stages do around it: whether it
 searches under the budgets, calibrates on training images, trains after the assignment.
@@ -49,7 +49,7 @@ from hmqsearch.models.pretrained import load_pretrained
 from hmqsearch.quant.assignment import Assignment
 from hmqsearch.quant.batch_norm import reestimate_batch_norm
 from hmqsearch.quant.calibrate import calibrate_activations
-from hmqsearch.quant.prepare import QuantModel, init_weight_grid, prepare
+from hmqsearch.quant.prepare import QuantModel, prepare
 from hmqsearch.report.allocation import write_allocation_report
 from hmqsearch.report.search_trace import write_search_trace
 from hmqsearch.report.sensitivity import write_sensitivity_report
@@ -192,14 +192,9 @@ def calibrate(state: RunState) -> None:
 
 def _prepare_calibrated(state: RunState) -> None:
     """A trainable quantized copy of the float model as ``state.qmodel``, its input ranges calibrated."""
+    calibration = state.cfg.search.calibration
     state.qmodel = prepare(state.net, state.spec, state.example)
     state.qmodel.requires_grad_(True)  # the copy trains, also once the float model is the frozen distillation teacher
-    _calibrate_inputs(state)
-
-
-def _calibrate_inputs(state: RunState) -> None:
-    """Each input's threshold grid centred on its range on the calibration batches (float forwards)."""
-    calibration = state.cfg.search.calibration
     state.ranges = {}
     if state.method.calibrates:
         with on_device(state.qmodel, state.device):
@@ -224,10 +219,8 @@ def assign(state: RunState) -> None:
         write_search_trace(trace.start, trace.history, trace.argmax_bits(), state.run_dir, state.model_title)
     if state.cfg.search.restart_weights:
         restart_weights(state)
-        return
-    if state.cfg.search.rethreshold:
-        rethreshold(state)
-    reestimate_batch_norms(state)
+    else:
+        reestimate_batch_norms(state)
 
 
 def _input_normalisation(datamodule: Any) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
@@ -305,21 +298,6 @@ def restart_weights(state: RunState) -> None:
     assign_widths(state.qmodel, widths, "the search's assignment")
     state.qmodel.set_state("fixed")
     log.info("fine-tuning the searched bit-widths from the search's starting weights (search.restart_weights)")
-
-
-def rethreshold(state: RunState) -> None:
-    """Every threshold re-chosen at the searched bit-widths on the search's own weights and
-    inputs, as the start chose them (``search.rethreshold``). Adam moves each logit by about its
-    rate a step whatever its gradient, so a threshold the search settled on can be off by powers
-    of two: at 20x its 4-bit layers ended 4x too wide, 2-bit resolution at 4-bit cost."""
-    widths = widths_of(Assignment.of(state.qmodel))
-    with on_device(state.qmodel, state.device):
-        for _, layer in state.qmodel.layers():
-            init_weight_grid(layer, state.spec.weight_per_channel)
-    _calibrate_inputs(state)
-    assign_widths(state.qmodel, widths, "the search's assignment")
-    state.qmodel.set_state("fixed")
-    log.info("thresholds re-chosen at the searched bit-widths (search.rethreshold)")
 
 
 def finetune(state: RunState) -> None:
