@@ -23,9 +23,11 @@ def test_restart_keeps_the_searched_widths_on_the_starting_weights_and_trains_th
     searched = state.qmodel
     stages.assign(state)
 
+    searched_assignment = Assignment.of(searched)
+    searched_widths = widths_of(searched_assignment)
     assert state.qmodel is not searched
-    assert widths_of(Assignment.of(state.qmodel)) == widths_of(Assignment.of(searched))
-    assert any(s.weight.bits != 8 for s in Assignment.of(searched).values() if s.weight)  # the search moved
+    assert widths_of(Assignment.of(state.qmodel)) == searched_widths
+    assert any(s.weight.bits != 8 for s in searched_assignment.values() if s.weight)  # the search moved
     start = prepare(state.net, state.spec, state.example)  # the weights the search started from
     moved = False
     for (_, layer), (_, first), (_, old) in zip(state.qmodel.layers(), start.layers(), searched.layers()):
@@ -41,4 +43,4 @@ def test_restart_keeps_the_searched_widths_on_the_starting_weights_and_trains_th
     # the fine-tune trains the new copy (the float model it came from is the frozen teacher)
     stages.finetune(state)
     assert all(not torch.equal(layer.weight, first.weight) for (_, layer), (_, first) in zip(state.qmodel.layers(), start.layers()))
-    assert widths_of(Assignment.of(state.qmodel)) == widths_of(Assignment.of(searched))
+    assert widths_of(Assignment.of(state.qmodel)) == searched_widths
