@@ -29,7 +29,7 @@ class RampSpec:
     ``tau_start`` with each step and decays to ``tau_end`` within it."""
 
     steps: int = setting(4, COUNT)
-    until: Real = setting(0.5, Number(low=0, high=1, high_open=True))
+    until: Real = setting(0.3, Number(low=0, high=1, high_open=True))
     tau_restart: bool = True
 
     def validate(self) -> None:
