@@ -27,6 +27,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from hmqsearch.config_schema import SearchConfig
 from hmqsearch.constrained.budgets import BudgetSpec, build_constraints
 from hmqsearch.constrained.constraints import enforce_on
 from hmqsearch.constrained.ramp import RampSpec
@@ -129,23 +130,26 @@ class SearchReport:
     fill: list[RepairStep] = field(default_factory=list)
 
 
+_SEARCH = SearchConfig()  # the search's defaults are train.py's: the schema holds them
+
+
 def search(
     qmodel: QuantModel,
     loader: Iterable[Any],
     budget: BudgetSpec | None = None,
     *,
     epochs: int = 1,
-    lr: float = 1e-3,
-    logit_lr: float = 0.1,
-    dual_lr: float = 0.5,
-    tau: tuple[float, float] = (1.0, 0.5),
-    start: str = "highest",
+    lr: float = _SEARCH.lr,
+    logit_lr: float = _SEARCH.logit_lr,
+    dual_lr: float = _SEARCH.dual_lr,
+    tau: tuple[float, float] = (_SEARCH.tau_start, _SEARCH.tau_end),
+    start: str = _SEARCH.start,
     ramp: RampSpec = RampSpec(),
-    enforce: str = "argmax",
-    dual_restart: bool = False,
-    end_feasible: bool = False,
-    fill_budget: bool = True,
-    bn_batches: int = 20,
+    enforce: str = _SEARCH.enforce,
+    dual_restart: bool = _SEARCH.dual_restart,
+    end_feasible: bool = _SEARCH.end_feasible,
+    fill_budget: bool = _SEARCH.fill_budget,
+    bn_batches: int = _SEARCH.bn_batches,
     progress: bool = False,
     accelerator: str = "cpu",
 ) -> SearchReport:
